@@ -1,0 +1,110 @@
+"""The `lookalike` command line."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import sys
+from collections.abc import Sequence
+
+from lookalike import db
+from lookalike.config import Config, ConfigError, load_config
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--home", help="catalog home (default: catalog.home from the config)")
+    p.add_argument("--config", help="TOML file overriding conf/lookalike.toml")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lookalike", description=(
+        "Catalog an image archive: exact copies, near-duplicates and similarity categories."))
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="incremental run over image roots (only new files)")
+    p.add_argument("roots", nargs="+", metavar="ROOT")
+    p.add_argument("--retry-errors", action="store_true", help="retry files recorded in ingest_errors")
+    _common(p)
+
+    p = sub.add_parser("status", help="what the catalog holds and how the last runs ended")
+    _common(p)
+
+    p = sub.add_parser("sql", help="run a query; CSV on stdout")
+    p.add_argument("query")
+    _common(p)
+    return parser
+
+
+def cmd_run(cfg: Config, args: argparse.Namespace) -> int:
+    from lookalike.pipeline import run
+
+    summary = run(cfg, args.roots, retry_errors=args.retry_errors)
+    print(summary.describe())
+    return 0
+
+
+def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
+    conn = db.connect(cfg)
+    with conn:
+        db.ensure_schema(conn)
+        where = db.redact_dsn(cfg.dsn) if cfg.dsn else f"embedded PostgreSQL in {cfg.home / 'pg'}"
+        print(f"catalog: {where}")
+        counts = conn.execute(
+            "SELECT (SELECT count(*) FROM images), (SELECT count(*) FROM image_paths), "
+            "(SELECT count(*) FROM ingest_errors), (SELECT count(*) FROM near_duplicates), "
+            "(SELECT count(DISTINCT group_id) FROM image_dup_group), (SELECT count(*) FROM clusters), "
+            "(SELECT count(*) FROM manifests WHERE status <> 'loaded')").fetchone()
+        labels = ["images", "paths", "errors", "near-duplicate pairs", "near-duplicate groups",
+                  "clusters", "unfinished manifests"]
+        for label, value in zip(labels, counts, strict=True):
+            print(f"{label:>22}: {value}")
+        model = db.get_meta(conn, "active_model")
+        print(f"{'model':>22}: {model or '(none yet)'}")
+        runs = conn.execute("SELECT run_id, kind, status, started_at, finished_at, summary FROM runs "
+                            "ORDER BY run_id DESC LIMIT 5").fetchall()
+        if runs:
+            print("last runs:")
+        for run_id, kind, status, started, finished, summary in runs:
+            took = f"{(finished - started).total_seconds():.1f} s" if finished else "-"
+            extra = ""
+            if summary:
+                extra = (f" files={summary.get('files')} new={summary.get('new_images')} "
+                         f"copies={summary.get('exact_copies')} errors={summary.get('errors')}")
+            print(f"  {run_id:>5} {kind:<9} {status:<11} {started:%Y-%m-%d %H:%M:%S} {took:>9}{extra}")
+    return 0
+
+
+def cmd_sql(cfg: Config, args: argparse.Namespace) -> int:
+    conn = db.connect(cfg)
+    with conn:
+        db.ensure_schema(conn)
+        cur = conn.execute(args.query)
+        out = csv.writer(sys.stdout)
+        if cur.description:
+            out.writerow([c.name for c in cur.description])
+            for row in cur:
+                out.writerow(row)
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "status": cmd_status, "sql": cmd_sql}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(args.config, args.home)
+        return COMMANDS[args.command](cfg, args)
+    except (ConfigError, db.CatalogUnavailable, db.CatalogBusy, FileNotFoundError) as e:
+        print(f"lookalike: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

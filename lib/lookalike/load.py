@@ -1,0 +1,117 @@
+"""Bulk-load one manifest's stage outputs into the catalog in a single transaction.
+
+Rows go in through binary COPY into a temporary staging table, then set-based upserts move
+them into the catalog tables. The manifest is marked loaded in the same transaction, so a
+crash leaves either all of it or none of it, and a retry never duplicates anything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import psycopg
+import pyarrow as pa
+
+from lookalike.hashing import HASH_VERSION
+
+_STAGE_COLUMNS = [
+    ("path", "text"), ("bytes", "int8"), ("mtime", "timestamptz"), ("sha256", "text"),
+    ("width", "int4"), ("height", "int4"), ("format", "text"), ("phash", "int8"),
+    ("dhash", "int8"), ("ahash", "int8"), ("thumb", "text"), ("error", "text"), ("message", "text"),
+]
+
+_UPSERTS = [
+    """
+-- One new image per new sha256: the lexically first path's row describes it.
+INSERT INTO images (sha256, width, height, format, bytes, thumb_path, run_id)
+SELECT DISTINCT ON (sha256) sha256, width, height, format, bytes, thumb, %(run_id)s
+FROM stage WHERE error IS NULL ORDER BY sha256, path
+ON CONFLICT (sha256) DO NOTHING
+""",
+    """
+INSERT INTO image_hashes (image_id, phash, dhash, ahash, hash_version)
+SELECT DISTINCT ON (i.image_id) i.image_id, s.phash, s.dhash, s.ahash, %(hash_version)s
+FROM stage s JOIN images i USING (sha256) WHERE s.error IS NULL ORDER BY i.image_id, s.path
+ON CONFLICT (image_id) DO NOTHING
+""",
+    """
+-- A path whose bytes changed (or that became unreadable) keeps its history.
+INSERT INTO image_path_history (path, image_id, bytes, mtime)
+SELECT p.path, p.image_id, p.bytes, p.mtime
+FROM stage s JOIN image_paths p USING (path)
+LEFT JOIN images i ON i.sha256 = s.sha256
+WHERE s.error IS NOT NULL OR i.image_id IS DISTINCT FROM p.image_id
+""",
+    """
+DELETE FROM image_paths p USING stage s WHERE p.path = s.path AND s.error IS NOT NULL
+""",
+    """
+INSERT INTO image_paths (path, image_id, bytes, mtime)
+SELECT s.path, i.image_id, s.bytes, s.mtime FROM stage s JOIN images i USING (sha256)
+WHERE s.error IS NULL
+ON CONFLICT (path) DO UPDATE SET image_id = EXCLUDED.image_id, bytes = EXCLUDED.bytes,
+    mtime = EXCLUDED.mtime
+""",
+    """
+-- A file that reads fine now is no longer an error.
+DELETE FROM ingest_errors e USING stage s WHERE e.path = s.path AND s.error IS NULL
+""",
+    """
+INSERT INTO ingest_errors (path, bytes, mtime, error, message, run_id)
+SELECT path, bytes, mtime, error, message, %(run_id)s FROM stage WHERE error IS NOT NULL
+ON CONFLICT (path) DO UPDATE SET bytes = EXCLUDED.bytes, mtime = EXCLUDED.mtime,
+    error = EXCLUDED.error, message = EXCLUDED.message, run_id = EXCLUDED.run_id, at = now()
+""",
+]
+
+
+@dataclass
+class LoadCounts:
+    files: int = 0
+    new_images: int = 0
+    exact_copies: int = 0  # files whose bytes were already catalogued, or repeated in the batch
+    errors: int = 0
+
+    def add(self, other: LoadCounts) -> None:
+        for k in vars(self):
+            setattr(self, k, getattr(self, k) + getattr(other, k))
+
+
+def _copy_stage(cur: psycopg.Cursor, features: pa.Table) -> None:
+    cur.execute("CREATE TEMP TABLE stage (" + ", ".join(f"{n} {t}" for n, t in _STAGE_COLUMNS)
+                + ") ON COMMIT DROP")
+    names = [n for n, _ in _STAGE_COLUMNS]
+    # Spark writes timestamps without a zone; they are UTC (the session's time zone).
+    mtime = features["mtime"].cast(pa.timestamp("us")).cast(pa.timestamp("us", tz="UTC"))
+    features = features.set_column(features.schema.get_field_index("mtime"), "mtime", mtime)
+    with cur.copy(f"COPY stage ({', '.join(names)}) FROM STDIN (FORMAT BINARY)") as copy:
+        copy.set_types([t for _, t in _STAGE_COLUMNS])
+        for row in features.select(names).to_pylist():
+            copy.write_row([row[n] for n in names])
+    cur.execute("ANALYZE stage")
+
+
+def load_manifest(conn: psycopg.Connection, manifest_id: str, run_id: int, features: pa.Table,
+                  extra: Callable[[psycopg.Cursor], None] | None = None) -> LoadCounts:
+    """Load one manifest; `extra` runs inside the same transaction (embeddings, groups, clusters)."""
+    with conn.transaction(), conn.cursor() as cur:
+        # Lock the manifest row: a second loader of the same manifest waits, then sees 'loaded'.
+        status = cur.execute("SELECT status FROM manifests WHERE manifest_id = %s FOR UPDATE",
+                             (manifest_id,)).fetchone()
+        if status is None or status[0] == "loaded":
+            return LoadCounts()
+        _copy_stage(cur, features)
+        params = {"run_id": run_id, "hash_version": HASH_VERSION}
+        cur.execute(_UPSERTS[0], params)
+        new = cur.rowcount  # the images insert comes first: its row count is the new images
+        for statement in _UPSERTS[1:]:
+            cur.execute(statement, params)
+        good, errors = cur.execute(
+            "SELECT count(*) FILTER (WHERE error IS NULL), count(*) FILTER (WHERE error IS NOT NULL) "
+            "FROM stage").fetchone()
+        if extra is not None:
+            extra(cur)
+        cur.execute("UPDATE manifests SET status = 'loaded', loaded_at = now() WHERE manifest_id = %s",
+                    (manifest_id,))
+    return LoadCounts(files=good + errors, new_images=new, exact_copies=good - new, errors=errors)

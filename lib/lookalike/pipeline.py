@@ -1,0 +1,223 @@
+"""One incremental run: scan -> extract -> load, manifest by manifest.
+
+A manifest is the unit of incrementality: it is registered as 'scanned' once its Parquet
+file is written, each stage's output is kept under the home until the manifest is
+'loaded', and a manifest left unfinished by a killed run is completed by the next run
+before anything new is scanned.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import psycopg
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from lookalike import db
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+from lookalike.config import Config
+from lookalike.extract import ExtractSettings, extract_batches
+from lookalike.layout import Layout
+from lookalike.load import LoadCounts, load_manifest
+from lookalike.scan import MANIFEST_SCHEMA, ScanSettings, plan, rows_to_table, walk
+
+log = logging.getLogger(__name__)
+
+SCAN_DDL = "path string, bytes long, mtime timestamp, error string, message string"
+FEATURES_DDL = (
+    "path string, bytes long, mtime timestamp, sha256 string, width int, height int, "
+    "format string, phash long, dhash long, ahash long, phash_dihedral array<long>, "
+    "thumb string, error string, message string"
+)
+
+
+def say(message: str) -> None:
+    """Progress for the person (or the scheduler's log) watching a run."""
+    print(message, file=sys.stderr, flush=True)
+
+
+@dataclass
+class RunSummary:
+    run_id: int = 0
+    manifests: int = 0
+    scanned_new: int = 0
+    counts: LoadCounts = field(default_factory=LoadCounts)
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, object]:
+        d = asdict(self)
+        d.update(d.pop("counts"))
+        return d
+
+    def describe(self) -> str:
+        c = self.counts
+        return (f"run {self.run_id}: {c.files} files in {self.manifests} manifests, "
+                f"{c.new_images} new images, {c.exact_copies} exact copies, {c.errors} errors "
+                f"({self.seconds:.1f} s)")
+
+
+class Runner:
+    """Holds the Spark session, the catalog connection and the layout for one run."""
+
+    def __init__(self, cfg: Config, conn: psycopg.Connection) -> None:
+        self.cfg = cfg
+        self.conn = conn
+        self.layout = Layout(cfg.home)
+        self._spark = None
+
+    @property
+    def spark(self) -> SparkSession:
+        if self._spark is None:
+            from lookalike.spark import get_spark
+
+            self._spark = get_spark(self.cfg)
+        return self._spark
+
+    # -- scan ---------------------------------------------------------------------------
+    def _known_files(self, retry_errors: bool) -> pa.Table:
+        """(path, bytes, mtime) already catalogued, plus recorded errors unless retrying them."""
+        sql = "SELECT path, bytes, mtime FROM image_paths"
+        if not retry_errors:
+            sql += " UNION ALL SELECT path, bytes, mtime FROM ingest_errors WHERE bytes IS NOT NULL"
+        paths, sizes, mtimes = [], [], []
+        # COPY streams rows without building the whole result set on either side.
+        with self.conn.cursor() as cur, cur.copy(f"COPY ({sql}) TO STDOUT (FORMAT BINARY)") as copy:
+            copy.set_types(["text", "int8", "timestamptz"])
+            for p, b, m in copy.rows():
+                paths.append(p)
+                sizes.append(b)
+                mtimes.append(m)
+        return pa.table({"path": pa.array(paths, pa.string()), "bytes": pa.array(sizes, pa.int64()),
+                         "mtime": pa.array(mtimes, pa.timestamp("us", tz="UTC"))})
+
+    def scan(self, roots: list[str], run_id: int, retry_errors: bool) -> list[str]:
+        """Enumerate new files into manifests registered as 'scanned'; returns their ids."""
+        started = time.monotonic()
+        settings = ScanSettings.create(roots, self.cfg["scan"]["extensions"])
+        for root in settings.roots:
+            if not Path(root).is_dir():
+                raise FileNotFoundError(f"image root is not a directory: {root}")
+        subtrees, top_files = plan(settings, self.cfg["scan"]["split_dirs"])
+        found = rows_to_table(top_files)
+        if subtrees:
+            # Each subtree is one task: the walk of a million files is spread over the executors.
+            walked = self.spark.sparkContext.parallelize(subtrees, len(subtrees)).flatMap(
+                partial(walk, settings=settings))
+            walked_df = self.spark.createDataFrame(walked, schema=SCAN_DDL)
+            found = pa.concat_tables([found, walked_df.toArrow().cast(MANIFEST_SCHEMA)])
+        # Links can make one path appear twice; the anti-join drops what is catalogued already.
+        firsts = [(c, "first") for c in found.column_names if c != "path"]
+        found = found.group_by("path", use_threads=False).aggregate(firsts)
+        found = found.rename_columns([c.removesuffix("_first") for c in found.column_names])
+        known = self._known_files(retry_errors)
+        table = found.join(known, ["path", "bytes", "mtime"], join_type="left anti")
+        table = table.select(MANIFEST_SCHEMA.names).cast(MANIFEST_SCHEMA).sort_by("path")
+        ids = self._write_manifests(table, run_id)
+        say(f"scan: {table.num_rows} new files in {len(ids)} manifests "
+            f"({time.monotonic() - started:.1f} s)")
+        return ids
+
+    def _write_manifests(self, table: pa.Table, run_id: int) -> list[str]:
+        size = self.cfg["scan"]["manifest_files"]
+        ids = []
+        self.layout.manifests.mkdir(parents=True, exist_ok=True)
+        for i in range(math.ceil(table.num_rows / size)):
+            part = table.slice(i * size, size)
+            manifest_id = f"r{run_id:06d}-{i:04d}"
+            dest = self.layout.manifest(manifest_id)
+            tmp = dest.with_suffix(".tmp")
+            pq.write_table(part, tmp)
+            tmp.replace(dest)
+            ids.append(manifest_id)
+            # Registered only once its file is whole; the registration is the commit point.
+            with self.conn.transaction():
+                self.conn.execute(
+                    "INSERT INTO manifests (manifest_id, run_id, files, bytes, status) "
+                    "VALUES (%s, %s, %s, %s, 'scanned') ON CONFLICT DO NOTHING",
+                    (manifest_id, run_id, part.num_rows, int(pc.sum(part["bytes"]).as_py() or 0)))
+        return ids
+
+    # -- extract ------------------------------------------------------------------------
+    def extract(self, manifest_id: str) -> pa.Table:
+        out = self.layout.stage(manifest_id, "features")
+        if not Layout.is_complete(out):
+            started = time.monotonic()
+            manifest = pq.read_metadata(self.layout.manifest(manifest_id))
+            settings = ExtractSettings.from_config(self.cfg, self.layout.thumbs)
+            self.layout.thumbs.mkdir(parents=True, exist_ok=True)
+            tasks = max(1, math.ceil(manifest.num_rows / self.cfg["extract"]["files_per_task"]))
+            df = self.spark.read.parquet(str(self.layout.manifest(manifest_id))).repartition(tasks)
+            df.mapInPandas(partial(extract_batches, settings=settings), schema=FEATURES_DDL) \
+                .write.mode("overwrite").parquet(str(out))
+            took = time.monotonic() - started
+            say(f"extract {manifest_id}: {manifest.num_rows} files, "
+                f"{manifest.num_rows / max(took, 1e-9):.1f} files/s ({took:.1f} s)")
+        return pq.read_table(out)
+
+    # -- one manifest, start to end ---------------------------------------------------
+    def process(self, manifest_id: str, run_id: int) -> LoadCounts:
+        features = self.extract(manifest_id)
+        started = time.monotonic()
+        counts = load_manifest(self.conn, manifest_id, run_id, features)
+        say(f"load {manifest_id}: {counts.new_images} new images, {counts.exact_copies} exact copies, "
+            f"{counts.errors} errors ({time.monotonic() - started:.1f} s)")
+        return counts
+
+    def pending_manifests(self) -> list[str]:
+        rows = self.conn.execute(
+            "SELECT manifest_id FROM manifests WHERE status <> 'loaded' ORDER BY manifest_id").fetchall()
+        return [r[0] for r in rows]
+
+
+def run(cfg: Config, roots: list[str], retry_errors: bool = False) -> RunSummary:
+    """An incremental run over `roots`; resumes unfinished manifests first."""
+    started = time.monotonic()
+    conn = db.connect(cfg)
+    lock_conn = db.connect(cfg)
+    try:
+        db.ensure_schema(conn)
+        with db.writer_lock(lock_conn):
+            summary = RunSummary()
+            with conn.transaction():
+                # We hold the writer lock, so any run still marked running was killed.
+                conn.execute("UPDATE runs SET status = 'interrupted', finished_at = now() "
+                             "WHERE status = 'running'")
+                summary.run_id = conn.execute(
+                    "INSERT INTO runs (kind, roots) VALUES ('run', %s) RETURNING run_id",
+                    ([str(Path(r).resolve()) for r in roots],)).fetchone()[0]
+            runner = Runner(cfg, conn)
+            try:
+                resumed = runner.pending_manifests()
+                if resumed:
+                    say(f"resuming {len(resumed)} unfinished manifests")
+                for manifest_id in resumed:
+                    summary.counts.add(runner.process(manifest_id, summary.run_id))
+                new_ids = runner.scan(roots, summary.run_id, retry_errors)
+                for manifest_id in new_ids:
+                    summary.counts.add(runner.process(manifest_id, summary.run_id))
+                summary.manifests = len(resumed) + len(new_ids)
+                summary.seconds = time.monotonic() - started
+            except BaseException as e:
+                with conn.transaction():
+                    conn.execute("UPDATE runs SET status = 'failed', finished_at = now(), message = %s "
+                                 "WHERE run_id = %s", (str(e)[:500] or type(e).__name__, summary.run_id))
+                raise
+            with conn.transaction():
+                conn.execute("UPDATE runs SET status = 'ok', finished_at = now(), summary = %s "
+                             "WHERE run_id = %s", (json.dumps(summary.as_dict()), summary.run_id))
+            return summary
+    finally:
+        conn.close()
+        lock_conn.close()
