@@ -6,7 +6,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from lookalike.config import Config, load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -18,7 +17,7 @@ HIRES = SHARED_DATA / "photos-hires"
 
 def pytest_configure(config: pytest.Config) -> None:
     if not UKBENCH.is_dir():
-        raise pytest.UsageError(f"the test photos are missing: {SHARED_DATA} (../shared/data beside the repo)")
+        raise pytest.UsageError(f"test photos missing: {SHARED_DATA} (../shared/data beside the repo)")
 
 
 @pytest.fixture

@@ -1,7 +1,6 @@
 from pathlib import Path
 
 import pytest
-
 from lookalike.config import ConfigError, load_config
 
 

@@ -9,10 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import UKBENCH
 from lookalike.extract import ExtractSettings, extract_file, thumb_relpath
+from PIL import Image
 
 PHOTO = UKBENCH / "base_images" / "ukbench01380.jpg"
 
@@ -113,7 +112,7 @@ def test_odd_modes_are_converted_properly(kind: str, settings: ExtractSettings, 
     (lambda p: p.write_bytes(os.urandom(20000)), "not_an_image"),
     (lambda p: os.mkfifo(p), "not_a_file"),
 ])
-def test_bad_files_become_one_line_errors(make, code: str, settings: ExtractSettings,  # noqa: ANN001
+def test_bad_files_become_one_line_errors(make, code: str, settings: ExtractSettings,
                                           tmp_path: Path) -> None:
     p = tmp_path / "bad.jpg"
     make(p)
@@ -155,7 +154,7 @@ def test_bytes_are_read_once(settings: ExtractSettings, monkeypatch: pytest.Monk
     opened: list[str] = []
     real_open = os.open
 
-    def counting_open(path, *a, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
+    def counting_open(path, *a, **kw):
         opened.append(str(path))
         return real_open(path, *a, **kw)
 

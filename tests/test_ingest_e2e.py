@@ -6,7 +6,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import IMAGENET, UKBENCH
 from lookalike import db
 from lookalike.config import Config
