@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+
 from lookalike.config import ConfigError, load_config
 
 

@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import UKBENCH
-from lookalike.extract import ExtractSettings, extract_file, thumb_relpath
 from PIL import Image
+
+from lookalike.extract import ExtractSettings, extract_file, thumb_relpath
 
 PHOTO = UKBENCH / "base_images" / "ukbench01380.jpg"
 

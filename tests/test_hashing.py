@@ -4,9 +4,10 @@ from pathlib import Path
 
 import pytest
 from conftest import UKBENCH
+from PIL import Image
+
 from lookalike.extract import ExtractSettings, extract_file
 from lookalike.hashing import HASH_VERSION, dihedral_phashes, hash_to_int64, image_hashes, int64_to_hex
-from PIL import Image
 
 
 def test_hash_values_pinned_on_a_fixed_image(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from conftest import UKBENCH
+
 from lookalike.scan import ScanSettings, plan, walk
 
 EXTS = [".jpg", ".png", ".gif"]

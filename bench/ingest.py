@@ -1,0 +1,158 @@
+"""Extract-stage speed and memory on archive-like files (10-50 MB), side by side in one run.
+
+    python bench/ingest.py [CORPUS_DIR] [--rounds 2] [--spark]
+
+CORPUS_DIR defaults to bench/out/corpus40, built with
+../shared/tools/make_large_corpus.py ../shared/data/photos-hires DIR --count 40.
+
+Per image, on one core, each way in turn on the same files (rounds alternate the order):
+  extract  lookalike's extract_file: one read, sha256, reduced-scale decode, hashes, thumbnail
+  naive    read for sha256, open and read again, full decode, resize, the same hashes/thumbnail
+  floor    read + sha256 + reduced-scale decode alone (no hashes, no thumbnail)
+Also: bytes read through read() per corpus byte for extract (from /proc/self/io rchar), peak
+RSS of a fresh worker process extracting the largest files, and with --spark the Spark
+stage's throughput over the whole corpus in local mode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from PIL import Image, ImageOps
+
+from lookalike.extract import ExtractSettings, _to_rgb, decode_thumbnail, extract_file
+from lookalike.hashing import dihedral_phashes, image_hashes
+
+HERE = Path(__file__).resolve().parent
+SHARED = HERE.parent.parent / "shared"
+EXTS = {".jpg", ".jpeg", ".png", ".tif", ".tiff"}
+
+
+def corpus_files(root: Path) -> list[Path]:
+    if not root.exists():
+        print(f"building the corpus in {root} ...", file=sys.stderr)
+        subprocess.run([sys.executable, str(SHARED / "tools" / "make_large_corpus.py"),
+                        str(SHARED / "data" / "photos-hires"), str(root), "--count", "40"], check=True)
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in EXTS)
+
+
+def naive(path: Path, settings: ExtractSettings) -> None:
+    """What a first script does: hash the file, then open it again and decode it whole."""
+    with open(path, "rb") as f:
+        hashlib.sha256(f.read()).hexdigest()
+    with Image.open(path) as im:
+        im = _to_rgb(ImageOps.exif_transpose(im))
+    im.thumbnail((settings.thumb_size, settings.thumb_size), Image.Resampling.LANCZOS)
+    image_hashes(im)
+    dihedral_phashes(im)
+    im.save(io.BytesIO(), "JPEG", quality=settings.thumb_quality)
+
+
+def floor(path: Path, settings: ExtractSettings) -> None:
+    """The least any correct extract must do: read once, sha256, reduced-scale decode."""
+    data = path.read_bytes()
+    hashlib.sha256(data).hexdigest()
+    decode_thumbnail(io.BytesIO(data), settings)
+
+
+def rchar() -> int:
+    with open("/proc/self/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("rchar"))
+
+
+def time_ways(files: list[Path], rounds: int) -> dict[str, float]:
+    ways = {"extract": None, "naive": naive, "floor": floor}
+    seconds = dict.fromkeys(ways, 0.0)
+    read = 0
+    for r in range(rounds):
+        order = list(ways) if r % 2 == 0 else list(reversed(ways))
+        for path in files:
+            for way in order:
+                with tempfile.TemporaryDirectory() as thumbs:
+                    settings = ExtractSettings(thumbs)
+                    before = rchar()
+                    started = time.perf_counter()
+                    if way == "extract":
+                        row = extract_file(str(path), settings)
+                        assert row["error"] is None, row
+                    else:
+                        ways[way](path, settings)
+                    seconds[way] += time.perf_counter() - started
+                    if way == "extract":
+                        read += rchar() - before
+    seconds["extract_rchar"] = read
+    return seconds
+
+
+def worker_peak_rss(files: list[Path]) -> float:
+    """Peak RSS (MB) of a fresh process extracting the given files, as a Spark worker would."""
+    code = (
+        "import resource, sys, tempfile\n"
+        "from lookalike.extract import ExtractSettings, extract_file\n"
+        "with tempfile.TemporaryDirectory() as d:\n"
+        "    for p in sys.argv[1:]:\n"
+        "        assert extract_file(p, ExtractSettings(d))['error'] is None\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, *map(str, files)], check=True, capture_output=True,
+                         text=True)
+    return float(out.stdout.strip())
+
+
+def spark_stage(root: Path) -> tuple[int, float]:
+    """Files and seconds of a real run (local[2]: scan, extract, load), the JVM already started."""
+    from lookalike.config import load_config
+    from lookalike.pipeline import run
+    from lookalike.spark import get_spark
+
+    os.environ["LOOKALIKE_SPARK_MASTER"] = "local[2]"
+    with tempfile.TemporaryDirectory() as home:
+        cfg = load_config(None, home)
+        get_spark(cfg).range(1).count()
+        started = time.perf_counter()
+        summary = run(cfg, [str(root)])
+        return summary.counts.files, time.perf_counter() - started
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("corpus", nargs="?", type=Path, default=HERE / "out" / "corpus40")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--spark", action="store_true", help="also time the Spark stage end to end")
+    a = ap.parse_args()
+    files = corpus_files(a.corpus)
+    sizes = [p.stat().st_size for p in files]
+    total = sum(sizes)
+    print(f"corpus: {len(files)} files, {total / 1e6:.0f} MB "
+          f"({min(sizes) / 1e6:.0f}-{max(sizes) / 1e6:.0f} MB each)")
+    for p in files:  # warm the page cache so every way reads from memory alike
+        p.read_bytes()
+    s = time_ways(files, a.rounds)
+    n, mb = len(files) * a.rounds, total * a.rounds / 1e6
+    print(f"{'way':<8} {'images/s/core':>14} {'MB/s/core':>10} {'s/image':>8}")
+    for way in ("extract", "naive", "floor"):
+        print(f"{way:<8} {n / s[way]:>14.2f} {mb / s[way]:>10.1f} {s[way] / n:>8.3f}")
+    print(f"extract vs naive: {s['naive'] / s['extract']:.2f}x faster   (target >= 1.6x)")
+    print(f"extract vs floor: {s['extract'] / s['floor']:.2f}x the floor's time per image  (target <= 1.25x)")
+    print(f"bytes read per corpus byte (extract): {s['extract_rchar'] / (total * a.rounds):.3f}  "
+          "(target <= 1.05)")
+    largest = sorted(files, key=lambda p: p.stat().st_size)[-4:]
+    rss = worker_peak_rss(largest)
+    print(f"peak worker RSS on the 4 largest files (up to {max(sizes) / 1e6:.0f} MB): {rss:.0f} MB"
+          "  (target <= 1500)")
+    if a.spark:
+        count, took = spark_stage(a.corpus)
+        print(f"spark run (local[2], scan+extract+load): {count} files in {took:.1f} s = "
+              f"{count / took / 2:.2f} images/s/core, {total / 1e6 / took / 2:.1f} MB/s/core")
+
+
+if __name__ == "__main__":
+    main()
