@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -31,6 +30,7 @@ from lookalike.config import Config
 from lookalike.extract import ExtractSettings, extract_batches
 from lookalike.layout import Layout
 from lookalike.load import LoadCounts, load_manifest
+from lookalike.progress import say, stage
 from lookalike.scan import MANIFEST_SCHEMA, ScanSettings, plan, rows_to_table, walk
 
 log = logging.getLogger(__name__)
@@ -41,11 +41,6 @@ FEATURES_DDL = (
     "format string, phash long, dhash long, ahash long, phash_dihedral array<long>, "
     "thumb string, error string, message string"
 )
-
-
-def say(message: str) -> None:
-    """Progress for the person (or the scheduler's log) watching a run."""
-    print(message, file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -153,17 +148,14 @@ class Runner:
     def extract(self, manifest_id: str) -> pa.Table:
         out = self.layout.stage(manifest_id, "features")
         if not Layout.is_complete(out):
-            started = time.monotonic()
             manifest = pq.read_metadata(self.layout.manifest(manifest_id))
             settings = ExtractSettings.from_config(self.cfg, self.layout.thumbs)
             self.layout.thumbs.mkdir(parents=True, exist_ok=True)
             tasks = max(1, math.ceil(manifest.num_rows / self.cfg["extract"]["files_per_task"]))
-            df = self.spark.read.parquet(str(self.layout.manifest(manifest_id))).repartition(tasks)
-            df.mapInPandas(partial(extract_batches, settings=settings), schema=FEATURES_DDL) \
-                .write.mode("overwrite").parquet(str(out))
-            took = time.monotonic() - started
-            say(f"extract {manifest_id}: {manifest.num_rows} files, "
-                f"{manifest.num_rows / max(took, 1e-9):.1f} files/s ({took:.1f} s)")
+            with stage(f"extract {manifest_id}", manifest.num_rows, self.spark):
+                df = self.spark.read.parquet(str(self.layout.manifest(manifest_id))).repartition(tasks)
+                df.mapInPandas(partial(extract_batches, settings=settings), schema=FEATURES_DDL) \
+                    .write.mode("overwrite").parquet(str(out))
         return pq.read_table(out)
 
     # -- one manifest, start to end ---------------------------------------------------
