@@ -212,8 +212,14 @@ def extract_batches(batches: Iterator[pd.DataFrame], settings: ExtractSettings) 
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     for batch in batches:
         rows = []
-        for path, size, mtime in zip(batch["path"], batch["bytes"], batch["mtime"], strict=True):
-            row = extract_file(path, settings)
+        for path, size, mtime, error, message in zip(batch["path"], batch["bytes"], batch["mtime"],
+                                                     batch["error"], batch["message"], strict=True):
+            if isinstance(error, str):
+                # Found bad at scan time (a link out of the roots, a FIFO): never opened here.
+                row = dict.fromkeys(FEATURE_COLUMNS)
+                row.update(path=path, error=error, message=message)
+            else:
+                row = extract_file(path, settings)
             row["bytes"], row["mtime"] = int(size), mtime
             rows.append(row)
         yield pd.DataFrame(rows, columns=FEATURE_COLUMNS)

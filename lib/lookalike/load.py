@@ -115,3 +115,27 @@ def load_manifest(conn: psycopg.Connection, manifest_id: str, run_id: int, featu
         cur.execute("UPDATE manifests SET status = 'loaded', loaded_at = now() WHERE manifest_id = %s",
                     (manifest_id,))
     return LoadCounts(files=good + errors, new_images=new, exact_copies=good - new, errors=errors)
+
+
+def copy_embeddings(cur: psycopg.Cursor, embeddings: pa.Table, vector_type: str, run_id: int) -> None:
+    """Vectors of the manifest's new images into image_embeddings; failures into ingest_errors."""
+    from lookalike.db import vector_to_db
+
+    cur.execute(f"CREATE TEMP TABLE stage_emb (sha256 text, model_ver text, embedding {vector_type}, "
+                "error text, message text) ON COMMIT DROP")
+    with cur.copy("COPY stage_emb FROM STDIN (FORMAT BINARY)") as copy:
+        copy.set_types(["text", "text", vector_type, "text", "text"])
+        for row in embeddings.to_pylist():
+            vec = row["vector"]
+            copy.write_row([row["sha256"], row["model_ver"],
+                            None if vec is None else vector_to_db(vec, vector_type), row["error"],
+                            row["message"]])
+    cur.execute("INSERT INTO image_embeddings (image_id, model_ver, embedding) "
+                "SELECT i.image_id, s.model_ver, s.embedding FROM stage_emb s JOIN images i USING (sha256) "
+                "WHERE s.error IS NULL ON CONFLICT DO NOTHING")
+    # An image whose thumbnail and original are both gone cannot be embedded: say so.
+    cur.execute("INSERT INTO ingest_errors (path, bytes, mtime, error, message, run_id) "
+                "SELECT p.path, p.bytes, p.mtime, s.error, s.message, %s FROM stage_emb s "
+                "JOIN images i USING (sha256) JOIN image_paths p USING (image_id) WHERE s.error IS NOT NULL "
+                "ON CONFLICT (path) DO UPDATE SET error = EXCLUDED.error, message = EXCLUDED.message, "
+                "run_id = EXCLUDED.run_id, at = now()", (run_id,))

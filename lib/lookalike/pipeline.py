@@ -21,15 +21,18 @@ import psycopg
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from PIL import Image
 
 from lookalike import db
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 from lookalike.config import Config
+from lookalike.embed import EMBED_DDL, EmbedSettings, embed_batches
 from lookalike.extract import ExtractSettings, extract_batches
 from lookalike.layout import Layout
-from lookalike.load import LoadCounts, load_manifest
+from lookalike.load import LoadCounts, copy_embeddings, load_manifest
+from lookalike.models import ModelSpec, get_embedder, onnx_path, resolve_model
 from lookalike.progress import say, stage
 from lookalike.scan import MANIFEST_SCHEMA, ScanSettings, plan, rows_to_table, walk
 
@@ -66,11 +69,13 @@ class RunSummary:
 class Runner:
     """Holds the Spark session, the catalog connection and the layout for one run."""
 
-    def __init__(self, cfg: Config, conn: psycopg.Connection) -> None:
+    def __init__(self, cfg: Config, conn: psycopg.Connection, vector_type: str) -> None:
         self.cfg = cfg
         self.conn = conn
+        self.vector_type = vector_type
         self.layout = Layout(cfg.home)
         self._spark = None
+        self._model: ModelSpec | None = None
 
     @property
     def spark(self) -> SparkSession:
@@ -158,11 +163,61 @@ class Runner:
                     .write.mode("overwrite").parquet(str(out))
         return pq.read_table(out)
 
+    # -- embed --------------------------------------------------------------------------
+    @property
+    def model(self) -> ModelSpec:
+        """The catalog's pinned model: chosen once at creation, changed only by a recluster."""
+        if self._model is None:
+            self._model = pinned_model(self.cfg, self.conn)
+        return self._model
+
+    def _embedder_settings(self, spec: ModelSpec) -> EmbedSettings:
+        e = self.cfg["embed"]
+        settings = EmbedSettings(spec, e["backend"], str(self.layout.models), e["batch_size"])
+        # The ONNX export happens once, here on the driver and verified on real thumbnails,
+        # before any executor needs the file.
+        if e["backend"] != "torch" and not onnx_path(spec, self.layout.models).exists():
+            samples = sorted(self.layout.thumbs.rglob("*.jpg"))[:8]
+            get_embedder(spec, backend=e["backend"], cache_dir=self.layout.models,
+                         batch_size=e["batch_size"], verify_images=[_rgb(p) for p in samples] or None)
+        return settings
+
+    def embed(self, name: str, rows: pa.Table, spec: ModelSpec) -> pa.Table:
+        """Embeddings of `rows` (sha256, thumb, path), kept under stages/<name>/embeddings-<model>."""
+        out = self.layout.stage(name, "embeddings-" + onnx_path(spec, "").stem)
+        if not Layout.is_complete(out):
+            settings = self._embedder_settings(spec)
+            extract = ExtractSettings.from_config(self.cfg, self.layout.thumbs)
+            tasks = max(1, math.ceil(rows.num_rows / (4 * self.cfg["embed"]["batch_size"])))
+            with stage(f"embed {name}", rows.num_rows, self.spark):
+                df = self.spark.createDataFrame(rows.to_pandas(), schema="sha256 string, thumb string, "
+                                                                         "path string")
+                df.repartition(tasks).mapInPandas(partial(embed_batches, settings=settings, extract=extract),
+                                                  schema=EMBED_DDL).write.mode("overwrite").parquet(str(out))
+        return pq.read_table(out)
+
+    def new_images(self, features: pa.Table, spec: ModelSpec) -> pa.Table:
+        """One row per decodable sha256 of the manifest that has no vector of `spec` yet."""
+        good = features.filter(pc.is_null(features["error"])).select(["sha256", "thumb", "path"])
+        good = good.group_by("sha256", use_threads=False).aggregate([("thumb", "first"), ("path", "min")])
+        good = good.rename_columns(["sha256", "thumb", "path"])
+        done = {r[0] for r in self.conn.execute(
+            "SELECT i.sha256 FROM images i JOIN image_embeddings e USING (image_id) "
+            "WHERE e.model_ver = %s AND i.sha256 = ANY(%s)",
+            (spec.model_ver, good["sha256"].to_pylist()))}
+        return good.filter(pc.invert(pc.is_in(good["sha256"], pa.array(sorted(done), pa.string()))))
+
     # -- one manifest, start to end ---------------------------------------------------
     def process(self, manifest_id: str, run_id: int) -> LoadCounts:
         features = self.extract(manifest_id)
+        spec = self.model
+        embeddings = self.embed(manifest_id, self.new_images(features, spec), spec)
         started = time.monotonic()
-        counts = load_manifest(self.conn, manifest_id, run_id, features)
+
+        def extra(cur: psycopg.Cursor) -> None:
+            copy_embeddings(cur, embeddings, self.vector_type, run_id)
+
+        counts = load_manifest(self.conn, manifest_id, run_id, features, extra)
         say(f"load {manifest_id}: {counts.new_images} new images, {counts.exact_copies} exact copies, "
             f"{counts.errors} errors ({time.monotonic() - started:.1f} s)")
         return counts
@@ -179,7 +234,7 @@ def run(cfg: Config, roots: list[str], retry_errors: bool = False) -> RunSummary
     conn = db.connect(cfg)
     lock_conn = db.connect(cfg)
     try:
-        db.ensure_schema(conn)
+        vector_type = db.ensure_schema(conn)
         with db.writer_lock(lock_conn):
             summary = RunSummary()
             with conn.transaction():
@@ -189,7 +244,7 @@ def run(cfg: Config, roots: list[str], retry_errors: bool = False) -> RunSummary
                 summary.run_id = conn.execute(
                     "INSERT INTO runs (kind, roots) VALUES ('run', %s) RETURNING run_id",
                     ([str(Path(r).resolve()) for r in roots],)).fetchone()[0]
-            runner = Runner(cfg, conn)
+            runner = Runner(cfg, conn, vector_type)
             try:
                 resumed = runner.pending_manifests()
                 if resumed:
@@ -213,3 +268,32 @@ def run(cfg: Config, roots: list[str], retry_errors: bool = False) -> RunSummary
     finally:
         conn.close()
         lock_conn.close()
+
+
+def _rgb(path: Path) -> Image.Image:
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+def pinned_model(cfg: Config, conn: psycopg.Connection) -> ModelSpec:
+    """Resolve the catalog's model, pinning the configured one when the catalog has none yet."""
+    e = cfg["embed"]
+    checkpoint = e["clip_checkpoint"] or None
+    pinned = db.get_meta(conn, "active_model")
+    if pinned is None:
+        spec = resolve_model(e["model"], clip_checkpoint=checkpoint)
+        name = e["model"] if e["model"].startswith("open_clip:") else spec.name
+        with conn.transaction():
+            db.set_meta(conn, "active_model", name)
+            db.set_meta(conn, "active_model_ver", spec.model_ver)
+        say(f"model: {name} ({spec.model_ver}) pinned for this catalog")
+        return spec
+    spec = resolve_model(pinned, clip_checkpoint=checkpoint)
+    pinned_ver = db.get_meta(conn, "active_model_ver")
+    if spec.model_ver != pinned_ver:
+        raise RuntimeError(f"the weights of model {pinned} changed ({pinned_ver} -> {spec.model_ver}); "
+                           f"run `lookalike recluster --model {pinned}` to re-embed the catalog")
+    if e["model"] not in ("auto", pinned):
+        say(f"note: the config asks for model {e['model']} but this catalog uses {pinned}; "
+            f"`lookalike recluster --model {e['model']}` switches it")
+    return spec
