@@ -50,7 +50,9 @@ def naive(path: Path, settings: ExtractSettings) -> None:
         hashlib.sha256(f.read()).hexdigest()
     with Image.open(path) as im:
         im = _to_rgb(ImageOps.exif_transpose(im))
-    im.thumbnail((settings.thumb_size, settings.thumb_size), Image.Resampling.LANCZOS)
+    scale = settings.thumb_size / max(im.size)
+    im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))),
+                   Image.Resampling.LANCZOS)
     image_hashes(im)
     dihedral_phashes(im)
     im.save(io.BytesIO(), "JPEG", quality=settings.thumb_quality)
@@ -70,7 +72,8 @@ def rchar() -> int:
 
 def time_ways(files: list[Path], rounds: int) -> dict[str, float]:
     ways = {"extract": None, "naive": naive, "floor": floor}
-    seconds = dict.fromkeys(ways, 0.0)
+    seconds: dict = dict.fromkeys(ways, 0.0)
+    by_format: dict[tuple[str, str], list[float]] = {}
     read = 0
     for r in range(rounds):
         order = list(ways) if r % 2 == 0 else list(reversed(ways))
@@ -85,10 +88,13 @@ def time_ways(files: list[Path], rounds: int) -> dict[str, float]:
                         assert row["error"] is None, row
                     else:
                         ways[way](path, settings)
-                    seconds[way] += time.perf_counter() - started
+                    took = time.perf_counter() - started
+                    seconds[way] += took
+                    by_format.setdefault((path.suffix.lower(), way), []).append(took)
                     if way == "extract":
                         read += rchar() - before
     seconds["extract_rchar"] = read
+    seconds["by_format"] = by_format
     return seconds
 
 
@@ -141,6 +147,12 @@ def main() -> None:
     for way in ("extract", "naive", "floor"):
         print(f"{way:<8} {n / s[way]:>14.2f} {mb / s[way]:>10.1f} {s[way] / n:>8.3f}")
     print(f"extract vs naive: {s['naive'] / s['extract']:.2f}x faster   (target >= 1.6x)")
+    for ext in sorted({e for e, _ in s["by_format"]}):
+        runs = {w: s["by_format"][(ext, w)] for w in ("extract", "naive", "floor")}
+        t = {w: sum(v) / len(v) for w, v in runs.items()}
+        print(f"  {ext:<6} s/image: extract {t['extract']:.3f}  naive {t['naive']:.3f}  "
+              f"floor {t['floor']:.3f}  naive/extract {t['naive'] / t['extract']:.2f}x "
+              f"({len(runs['extract'])} files)")
     print(f"extract vs floor: {s['extract'] / s['floor']:.2f}x the floor's time per image  (target <= 1.25x)")
     print(f"bytes read per corpus byte (extract): {s['extract_rchar'] / (total * a.rounds):.3f}  "
           "(target <= 1.05)")

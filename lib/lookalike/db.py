@@ -79,30 +79,28 @@ def _has_pgvector(conn: psycopg.Connection) -> bool:
 
 
 def ensure_schema(conn: psycopg.Connection) -> str:
-    """Create or upgrade the schema; returns the embedding column type ('vector' or 'bytea')."""
+    """Create or complete the schema; returns the embedding column type ('vector' or 'bytea').
+
+    The DDL is idempotent and runs every time (milliseconds), so tables added by a newer
+    version appear in older catalogs. The vector type is decided once, at creation.
+    """
     with conn.transaction():
         # Serialise concurrent first runs on a fresh catalog.
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITER_LOCK_KEY + 1,))
         row = None
-        exists = conn.execute("SELECT to_regclass('catalog_meta')").fetchone()[0]
-        if exists:
+        if conn.execute("SELECT to_regclass('catalog_meta')").fetchone()[0]:
             row = conn.execute("SELECT value FROM catalog_meta WHERE key = 'vector_type'").fetchone()
-    if row:
-        vector_type = row[0]
-        if vector_type == "vector":
-            register_vector(conn)
-        return vector_type
-    vector_type = "vector" if _has_pgvector(conn) else "bytea"
+    vector_type = row[0] if row else ("vector" if _has_pgvector(conn) else "bytea")
     ddl = resources.files("lookalike").joinpath("schema.sql").read_text().replace("{vector}", vector_type)
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITER_LOCK_KEY + 1,))
-        conn.execute(ddl)
+        with warnings.catch_warnings():
+            conn.execute("SET LOCAL client_min_messages = warning")  # no NOTICE per existing table
+            conn.execute(ddl)
         conn.execute(
-            "INSERT INTO catalog_meta (key, value) VALUES ('schema_version', %s), ('vector_type', %s) "
-            "ON CONFLICT (key) DO NOTHING",
-            (str(SCHEMA_VERSION), vector_type),
-        )
-    log.debug("catalog schema v%s ready (embeddings as %s)", SCHEMA_VERSION, vector_type)
+            "INSERT INTO catalog_meta (key, value) VALUES ('vector_type', %s) ON CONFLICT (key) DO NOTHING",
+            (vector_type,))
+        set_meta(conn, "schema_version", str(SCHEMA_VERSION))
     if vector_type == "vector":
         register_vector(conn)
     return vector_type

@@ -17,6 +17,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import psycopg
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -27,6 +28,7 @@ from lookalike import db
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
+from lookalike.categories import ClusterCounts, assign_new, cluster_config
 from lookalike.config import Config
 from lookalike.embed import EMBED_DDL, EmbedSettings, embed_batches
 from lookalike.extract import ExtractSettings, extract_batches
@@ -50,19 +52,21 @@ FEATURES_DDL = (
 class RunSummary:
     run_id: int = 0
     manifests: int = 0
-    scanned_new: int = 0
     counts: LoadCounts = field(default_factory=LoadCounts)
+    clusters: ClusterCounts = field(default_factory=ClusterCounts)
     seconds: float = 0.0
 
     def as_dict(self) -> dict[str, object]:
         d = asdict(self)
         d.update(d.pop("counts"))
+        d.update({f"clusters_{k}": v for k, v in d.pop("clusters").items()})
         return d
 
     def describe(self) -> str:
-        c = self.counts
+        c, k = self.counts, self.clusters
         return (f"run {self.run_id}: {c.files} files in {self.manifests} manifests, "
-                f"{c.new_images} new images, {c.exact_copies} exact copies, {c.errors} errors "
+                f"{c.new_images} new images, {c.exact_copies} exact copies, {c.errors} errors; "
+                f"clusters: {k.joined} joined, {k.created} created, {k.pooled} waiting "
                 f"({self.seconds:.1f} s)")
 
 
@@ -76,6 +80,7 @@ class Runner:
         self.layout = Layout(cfg.home)
         self._spark = None
         self._model: ModelSpec | None = None
+        self.clusters = ClusterCounts()
 
     @property
     def spark(self) -> SparkSession:
@@ -214,10 +219,16 @@ class Runner:
         embeddings = self.embed(manifest_id, self.new_images(features, spec), spec)
         started = time.monotonic()
 
+        clusters = ClusterCounts()
+
         def extra(cur: psycopg.Cursor) -> None:
             copy_embeddings(cur, embeddings, self.vector_type, run_id)
+            ids, vecs = embedded_ids(cur, embeddings)
+            clusters.add(assign_new(cur, spec.model_ver, ids, vecs, cluster_config(self.cfg["cluster"]),
+                                    self.vector_type))
 
         counts = load_manifest(self.conn, manifest_id, run_id, features, extra)
+        self.clusters.add(clusters)
         say(f"load {manifest_id}: {counts.new_images} new images, {counts.exact_copies} exact copies, "
             f"{counts.errors} errors ({time.monotonic() - started:.1f} s)")
         return counts
@@ -255,6 +266,7 @@ def run(cfg: Config, roots: list[str], retry_errors: bool = False) -> RunSummary
                 for manifest_id in new_ids:
                     summary.counts.add(runner.process(manifest_id, summary.run_id))
                 summary.manifests = len(resumed) + len(new_ids)
+                summary.clusters = runner.clusters
                 summary.seconds = time.monotonic() - started
             except BaseException as e:
                 with conn.transaction():
@@ -297,3 +309,16 @@ def pinned_model(cfg: Config, conn: psycopg.Connection) -> ModelSpec:
         say(f"note: the config asks for model {e['model']} but this catalog uses {pinned}; "
             f"`lookalike recluster --model {e['model']}` switches it")
     return spec
+
+
+def embedded_ids(cur: psycopg.Cursor, embeddings: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """(image_id, vector) of the successfully embedded rows, ordered by image_id."""
+    ok = embeddings.filter(pc.is_null(embeddings["error"]))
+    if ok.num_rows == 0:
+        return np.empty(0, np.int64), np.empty((0, 0), np.float32)
+    ids = dict(cur.execute("SELECT sha256, image_id FROM images WHERE sha256 = ANY(%s)",
+                           (ok["sha256"].to_pylist(),)).fetchall())
+    image_ids = np.asarray([ids[s] for s in ok["sha256"].to_pylist()], np.int64)
+    vectors = np.asarray(ok["vector"].to_pylist(), np.float32)
+    order = np.argsort(image_ids)
+    return image_ids[order], vectors[order]

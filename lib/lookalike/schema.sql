@@ -120,3 +120,21 @@ CREATE TABLE IF NOT EXISTS image_dup_group (
     group_id BIGINT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS image_dup_group_group ON image_dup_group (group_id);
+
+-- Images not yet close enough to any cluster; each also has a provisional image_cluster row.
+CREATE TABLE IF NOT EXISTS cluster_pool (
+    image_id  BIGINT NOT NULL REFERENCES images ON DELETE CASCADE,
+    model_ver TEXT NOT NULL,
+    PRIMARY KEY (image_id, model_ver)
+);
+
+-- After a recluster: how many images of each old cluster went to each new one.
+CREATE TABLE IF NOT EXISTS cluster_transitions (
+    old_model_ver  TEXT NOT NULL,
+    old_cluster_id BIGINT NOT NULL,
+    new_model_ver  TEXT NOT NULL,
+    new_cluster_id BIGINT NOT NULL,
+    overlap        INTEGER NOT NULL,
+    at             TIMESTAMPTZ NOT NULL DEFAULT now(),
+    PRIMARY KEY (old_cluster_id, new_cluster_id)
+);

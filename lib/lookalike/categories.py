@@ -1,0 +1,135 @@
+"""Similarity categories in the catalog: clusters and image_cluster for one model_ver.
+
+The algorithms live in lookalike.clustering; this module reads and writes their state.
+New images join clusters incrementally inside their manifest's transaction. Images that
+are not close enough to any cluster wait in cluster_pool with a provisional image_cluster
+row (their nearest cluster), so every embedded image always has exactly one row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import psycopg
+
+from lookalike.clustering import ClusterConfig, assign, assign_incremental, fit_clusters
+from lookalike.db import vector_from_db, vector_to_db
+
+
+@dataclass
+class ClusterCounts:
+    joined: int = 0   # new images placed in an existing cluster
+    created: int = 0  # clusters created
+    pooled: int = 0   # images waiting for enough company to seed a cluster
+
+    def add(self, other: ClusterCounts) -> None:
+        self.joined += other.joined
+        self.created += other.created
+        self.pooled = other.pooled  # a level, not a sum
+
+
+def cluster_config(cfg: dict) -> ClusterConfig:
+    return ClusterConfig(k=cfg["k"] or None, merge_cosine=cfg["merge_cosine"],
+                         join_cosine=cfg["join_cosine"], pool_min=cfg["pool_min"])
+
+
+def read_vectors(cur: psycopg.Cursor, sql: str, params: tuple,
+                 vector_type: str) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, vectors) of a query returning (id, embedding), through binary COPY."""
+    ids: list[int] = []
+    vecs: list[np.ndarray] = []
+    # COPY takes no bind parameters: the client cursor quotes them into the text safely.
+    query = psycopg.ClientCursor(cur.connection).mogrify(sql, params) if params else sql
+    with cur.copy(f"COPY ({query}) TO STDOUT (FORMAT BINARY)") as copy:
+        copy.set_types(["int8", vector_type])
+        for image_id, vec in copy.rows():
+            ids.append(image_id)
+            vecs.append(vector_from_db(vec))
+    if not vecs:
+        return np.empty(0, np.int64), np.empty((0, 0), np.float32)
+    return np.asarray(ids, np.int64), np.stack(vecs).astype(np.float32)
+
+
+def _existing(cur: psycopg.Cursor, model_ver: str, vector_type: str) -> tuple[np.ndarray, np.ndarray,
+                                                                                 np.ndarray]:
+    ids, centroids = read_vectors(cur, "SELECT cluster_id, centroid FROM clusters WHERE model_ver = %s "
+                                       "ORDER BY cluster_id", (model_ver,), vector_type)
+    sizes = dict(cur.execute("SELECT cluster_id, size FROM clusters WHERE model_ver = %s",
+                             (model_ver,)).fetchall())
+    return ids, centroids, np.asarray([sizes[i] for i in ids], np.int64)
+
+
+def _insert_clusters(cur: psycopg.Cursor, model_ver: str, centroids: np.ndarray, sizes: np.ndarray,
+                     vector_type: str) -> np.ndarray:
+    ids = []
+    for centroid, size in zip(centroids, sizes, strict=True):
+        ids.append(cur.execute("INSERT INTO clusters (model_ver, centroid, size) VALUES (%s, %s, %s) "
+                               "RETURNING cluster_id",
+                               (model_ver, vector_to_db(centroid, vector_type), int(size))).fetchone()[0])
+    return np.asarray(ids, np.int64)
+
+
+def _write_members(cur: psycopg.Cursor, model_ver: str, image_ids: np.ndarray, cluster_ids: np.ndarray,
+                   sims: np.ndarray) -> None:
+    cur.execute("CREATE TEMP TABLE IF NOT EXISTS stage_members (image_id int8, cluster_id int8, "
+                "sim_score float4) ON COMMIT DROP")
+    cur.execute("TRUNCATE stage_members")
+    with cur.copy("COPY stage_members FROM STDIN (FORMAT BINARY)") as copy:
+        copy.set_types(["int8", "int8", "float4"])
+        for row in zip(image_ids.tolist(), cluster_ids.tolist(), sims.tolist(), strict=True):
+            copy.write_row(row)
+    cur.execute("INSERT INTO image_cluster (image_id, model_ver, cluster_id, sim_score) "
+                "SELECT image_id, %s, cluster_id, sim_score FROM stage_members "
+                "ON CONFLICT (image_id, model_ver) DO UPDATE SET cluster_id = EXCLUDED.cluster_id, "
+                "sim_score = EXCLUDED.sim_score", (model_ver,))
+
+
+def fit_and_write(cur: psycopg.Cursor, model_ver: str, ids: np.ndarray,
+                  batches: Callable[[], Iterable[np.ndarray]], n: int, cfg: ClusterConfig,
+                  vector_type: str) -> ClusterCounts:
+    """A full clustering of `n` vectors streamed by `batches` (in `ids` order) for model_ver."""
+    result = fit_clusters(batches, n, cfg)
+    cluster_ids = _insert_clusters(cur, model_ver, result.centroids, result.sizes, vector_type)
+    labels, sims = [], []
+    for batch in batches():
+        lab, sim = assign(result.centroids, batch)
+        labels.append(lab)
+        sims.append(sim)
+    _write_members(cur, model_ver, ids, cluster_ids[np.concatenate(labels)], np.concatenate(sims))
+    cur.execute("DELETE FROM cluster_pool WHERE model_ver = %s", (model_ver,))
+    return ClusterCounts(joined=0, created=len(cluster_ids))
+
+
+def assign_new(cur: psycopg.Cursor, model_ver: str, image_ids: np.ndarray, vecs: np.ndarray,
+               cfg: ClusterConfig, vector_type: str) -> ClusterCounts:
+    """Place new images (and re-test the pool); the first images of a model get a full fit."""
+    if len(image_ids) == 0:
+        return ClusterCounts()
+    cluster_ids, centroids, sizes = _existing(cur, model_ver, vector_type)
+    if len(cluster_ids) == 0:
+        return fit_and_write(cur, model_ver, image_ids, lambda: [vecs], len(vecs), cfg, vector_type)
+    pool_ids, pool_vecs = read_vectors(
+        cur, "SELECT p.image_id, e.embedding FROM cluster_pool p JOIN image_embeddings e "
+             "USING (image_id, model_ver) WHERE p.model_ver = %s ORDER BY p.image_id", (model_ver,),
+        vector_type)
+    pool_vecs = pool_vecs.reshape(-1, vecs.shape[1])
+    res = assign_incremental(centroids, sizes, vecs, pool_vecs, cfg)
+    for idx in res.changed.tolist():
+        cur.execute("UPDATE clusters SET centroid = %s, size = %s, updated_at = now() WHERE cluster_id = %s",
+                    (vector_to_db(res.centroids[idx], vector_type), int(res.sizes[idx]),
+                     int(cluster_ids[idx])))
+    new_ids = _insert_clusters(cur, model_ver, res.centroids[res.new], res.sizes[res.new], vector_type)
+    all_cluster_ids = np.concatenate([cluster_ids, new_ids])
+    rows = np.concatenate([image_ids, pool_ids])
+    _write_members(cur, model_ver, rows, all_cluster_ids[res.cluster], res.sim)
+    cur.execute("DELETE FROM cluster_pool WHERE model_ver = %s", (model_ver,))
+    still = rows[res.pooled]
+    if len(still):
+        with cur.copy("COPY cluster_pool (image_id, model_ver) FROM STDIN") as copy:
+            for image_id in still.tolist():
+                copy.write_row((image_id, model_ver))
+    new_rows = slice(0, len(image_ids))
+    joined = int(((~res.pooled[new_rows]) & (res.cluster[new_rows] < len(cluster_ids))).sum())
+    return ClusterCounts(joined=joined, created=len(new_ids), pooled=len(still))
