@@ -8,8 +8,12 @@ import logging
 import sys
 from collections.abc import Sequence
 
+import psycopg
+
 from lookalike import db
 from lookalike.config import Config, ConfigError, load_config
+
+log = logging.getLogger(__name__)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -40,7 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_run(cfg: Config, args: argparse.Namespace) -> int:
     from lookalike.pipeline import run
 
-    summary = run(cfg, args.roots, retry_errors=args.retry_errors)
+    try:
+        summary = run(cfg, args.roots, retry_errors=args.retry_errors)
+    except psycopg.OperationalError as e:
+        # The server went away mid-run: every finished stage's Parquet is kept under the home.
+        raise db.CatalogUnavailable(f"lost the catalog during the run: {_first_line(e)} (finished stages "
+                                    f"are kept in {cfg.home}; the next run resumes them)") from e
     print(summary.describe())
     return 0
 
@@ -89,6 +98,11 @@ def cmd_sql(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
 COMMANDS = {"run": cmd_run, "status": cmd_status, "sql": cmd_sql}
 
 
@@ -100,7 +114,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = load_config(args.config, args.home)
         return COMMANDS[args.command](cfg, args)
     except (ConfigError, db.CatalogUnavailable, db.CatalogBusy, FileNotFoundError) as e:
+        log.debug("details", exc_info=True)
         print(f"lookalike: {e}", file=sys.stderr)
+        return 2
+    except (OSError, psycopg.OperationalError) as e:
+        # The environment, not the code: a full disk, an unusable folder, a server that went away.
+        # One line for the operator; -v logs the traceback.
+        log.debug("details", exc_info=True)
+        where = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else _first_line(e)
+        print(f"lookalike: {where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -39,7 +39,8 @@ class CatalogBusy(RuntimeError):
 def redact_dsn(dsn: str) -> str:
     """The DSN with any password replaced, for logs and status output."""
     dsn = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", dsn)
-    return re.sub(r"(password\s*=\s*)(\S+)", r"\1***", dsn, flags=re.IGNORECASE)
+    # key=value form: a quoted value may hold spaces and escaped quotes (libpq's quoting).
+    return re.sub(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", dsn, flags=re.IGNORECASE)
 
 
 def embedded_uri(home: Path) -> str:

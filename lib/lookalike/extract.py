@@ -13,6 +13,7 @@ import os
 import stat
 import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,10 +68,23 @@ def thumb_relpath(sha256: str, size: int) -> str:
     return f"{sha256[:2]}/{sha256[2:4]}/{sha256}_{size}.jpg"
 
 
-def _read_once(path: str, limit: int) -> tuple[str, bytes | None]:
+@contextmanager
+def _bomb_guard(max_pixels: int) -> Iterator[None]:
+    """Pillow's decompression-bomb guard at `max_pixels` for the block."""
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    with warnings.catch_warnings():
+        # A bomb between 1x and 2x the limit only warns; treat it like the error above 2x.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        yield
+
+
+def _read_once(path: str, settings: ExtractSettings) -> tuple[str, bytes | None]:
     """sha256 of the file, and its bytes when it is small enough to hold in memory.
 
-    Refuses anything that is not a regular file (FIFOs would block, devices never end).
+    Refuses anything that is not a regular file (FIFOs would block, devices never end). A file
+    too large to hold is identified from its header first: gigabytes that no decoder claims
+    (a zero-filled failed copy, a disk image named .jpg) are refused without being read.
+    Pillow's errors propagate for the caller to classify.
     """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO must not block the open
@@ -86,16 +100,24 @@ def _read_once(path: str, limit: int) -> tuple[str, bytes | None]:
             raise ExtractError("not_a_file", "not a regular file (FIFO, device or socket)")
         if st.st_size == 0:
             raise ExtractError("empty", "file is empty (0 bytes)")
+        keep = st.st_size <= settings.max_read_bytes
+        if not keep:
+            with _bomb_guard(settings.max_image_pixels):
+                Image.open(f)  # the header only; the file stays open (it is ours, not Pillow's)
+            f.seek(0)
         digest = hashlib.sha256()
-        keep = st.st_size <= limit
         chunks: list[bytes] = []
-        while True:
-            chunk = f.read(READ_CHUNK)
-            if not chunk:
-                break
-            digest.update(chunk)
-            if keep:
-                chunks.append(chunk)
+        held = 0
+        try:
+            while chunk := f.read(READ_CHUNK):
+                digest.update(chunk)
+                if keep:
+                    chunks.append(chunk)
+                    held += len(chunk)
+                    if held > settings.max_read_bytes:  # still being written: stop holding it
+                        keep, chunks = False, []
+        except OSError as e:
+            raise ExtractError("unreadable", f"read failed: {e.strerror or e}") from None
     if keep:
         return digest.hexdigest(), b"".join(chunks)
     return digest.hexdigest(), None
@@ -131,25 +153,21 @@ def decode_thumbnail(source: Any, settings: ExtractSettings) -> tuple[Image.Imag
     Returns (RGB thumbnail, format, width, height) with EXIF orientation applied; width and
     height are the original's displayed dimensions.
     """
-    Image.MAX_IMAGE_PIXELS = settings.max_image_pixels
-    with warnings.catch_warnings():
-        # A bomb between 1x and 2x the limit only warns; treat it like the error above 2x.
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(source) as im:
-            fmt = im.format or "unknown"
-            width, height = im.size
-            orientation = im.getexif().get(0x0112, 1)
-            if orientation in (5, 6, 7, 8):
-                width, height = height, width
-            if fmt == "JPEG":
-                # draft() picks the largest DCT scale (1/2..1/8) keeping both sides >= the request.
-                t = settings.thumb_size
-                scale = max(t / max(im.size), 1 / 8)
-                im.draft("RGB", (max(1, int(im.size[0] * scale)), max(1, int(im.size[1] * scale))))
-            im.seek(0)  # animated formats: the first frame
-            im.load()
-            im = ImageOps.exif_transpose(im) if orientation != 1 else im
-            rgb = _to_rgb(im)
+    with _bomb_guard(settings.max_image_pixels), Image.open(source) as im:
+        fmt = im.format or "unknown"
+        width, height = im.size
+        orientation = im.getexif().get(0x0112, 1)
+        if orientation in (5, 6, 7, 8):
+            width, height = height, width
+        if fmt == "JPEG":
+            # draft() picks the largest DCT scale (1/2..1/8) keeping both sides >= the request.
+            t = settings.thumb_size
+            scale = max(t / max(im.size), 1 / 8)
+            im.draft("RGB", (max(1, int(im.size[0] * scale)), max(1, int(im.size[1] * scale))))
+        im.seek(0)  # animated formats: the first frame
+        im.load()
+        im = ImageOps.exif_transpose(im) if orientation != 1 else im
+        rgb = _to_rgb(im)
     rgb.thumbnail((settings.thumb_size, settings.thumb_size), Image.Resampling.LANCZOS)
     return rgb, fmt, width, height
 
@@ -167,6 +185,21 @@ def _write_thumbnail(thumb: Image.Image, dest: Path, quality: int) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def prepare_thumbs_dir(thumbs_dir: Path) -> None:
+    """Create the thumbnail root and prove a file can be written in it (on the driver).
+
+    A run that cannot write thumbnails at all must stop with one message before it loads
+    anything, not record every file as a 'thumbnail' error that later runs then skip.
+    """
+    probe = thumbs_dir / f".probe.{os.getpid()}.tmp"
+    try:
+        thumbs_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write thumbnails: {e.strerror or e}", str(thumbs_dir)) from None
+
+
 def _one_line(e: BaseException) -> str:
     text = " ".join(str(e).split()) or type(e).__name__
     return text[:300]
@@ -177,9 +210,9 @@ def extract_file(path: str, settings: ExtractSettings) -> dict[str, Any]:
     row: dict[str, Any] = dict.fromkeys(FEATURE_COLUMNS)
     row["path"] = path
     try:
-        sha, data = _read_once(path, settings.max_read_bytes)
-        row["sha256"] = sha
         try:
+            sha, data = _read_once(path, settings)
+            row["sha256"] = sha
             thumb, fmt, width, height = decode_thumbnail(io.BytesIO(data) if data is not None else path,
                                                          settings)
         except Image.DecompressionBombError as e:
