@@ -32,6 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retry-errors", action="store_true", help="retry files recorded in ingest_errors")
     _common(p)
 
+    p = sub.add_parser("recluster", help="re-embed every image from its thumbnail and cluster anew")
+    p.add_argument("--model", help="switch to this model (default: the catalog's current one)")
+    _common(p)
+
     p = sub.add_parser("status", help="what the catalog holds and how the last runs ended")
     _common(p)
 
@@ -51,6 +55,13 @@ def cmd_run(cfg: Config, args: argparse.Namespace) -> int:
         raise db.CatalogUnavailable(f"lost the catalog during the run: {_first_line(e)} (finished stages "
                                     f"are kept in {cfg.home}; the next run resumes them)") from e
     print(summary.describe())
+    return 0
+
+
+def cmd_recluster(cfg: Config, args: argparse.Namespace) -> int:
+    from lookalike.recluster import recluster
+
+    print(recluster(cfg, args.model).describe())
     return 0
 
 
@@ -103,13 +114,17 @@ def _first_line(e: BaseException) -> str:
     return lines[0] if lines else type(e).__name__
 
 
-COMMANDS = {"run": cmd_run, "status": cmd_status, "sql": cmd_sql}
+COMMANDS = {"run": cmd_run, "recluster": cmd_recluster, "status": cmd_status, "sql": cmd_sql}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    # Only our own INFO lines: other libraries' (faiss's loader, py4j) are noise in a scheduler's
+    # log, and would bury the one line a refused run prints.
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        logging.getLogger("lookalike").setLevel(logging.INFO)
     try:
         cfg = load_config(args.config, args.home)
         return COMMANDS[args.command](cfg, args)

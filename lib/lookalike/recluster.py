@@ -1,0 +1,150 @@
+"""Full re-cluster, e.g. after a model change: re-embed from thumbnails, cluster anew, switch.
+
+No original is read: every image is embedded again from its stored 512-px thumbnail. The
+new model's vectors and clusters are written beside the old ones, and the catalog's active
+model switches in one transaction at the end, so until then the old clusters stay in use.
+The switch also records how the old clusters map onto the new ones (cluster_transitions).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import psycopg
+import pyarrow as pa
+
+from lookalike import db
+from lookalike.categories import cluster_config, fit_and_write
+from lookalike.clustering import cluster_mapping
+from lookalike.config import Config
+from lookalike.db import vector_from_db
+from lookalike.load import copy_embeddings
+from lookalike.models import resolve_model
+from lookalike.progress import say
+
+VECTOR_CHUNK = 65536
+
+
+@dataclass
+class ReclusterSummary:
+    model: str
+    model_ver: str
+    images: int
+    embedded: int
+    clusters: int
+    seconds: float
+
+    def describe(self) -> str:
+        return (f"recluster: {self.images} images under {self.model} ({self.model_ver}), "
+                f"{self.embedded} embedded from thumbnails, {self.clusters} clusters ({self.seconds:.1f} s)")
+
+
+def recluster(cfg: Config, model: str | None = None) -> ReclusterSummary:
+    from lookalike.pipeline import Runner  # the Spark-side stages
+
+    started = time.monotonic()
+    conn = db.connect(cfg)
+    lock_conn = db.connect(cfg)
+    try:
+        vector_type = db.ensure_schema(conn)
+        with db.writer_lock(lock_conn):
+            old_name = db.get_meta(conn, "active_model")
+            old_ver = db.get_meta(conn, "active_model_ver")
+            name = model or old_name or cfg["embed"]["model"]
+            spec = resolve_model(name, clip_checkpoint=cfg["embed"]["clip_checkpoint"] or None)
+            name = name if name.startswith("open_clip:") else spec.name
+            with conn.transaction():
+                run_id = conn.execute("INSERT INTO runs (kind, model_ver) VALUES ('recluster', %s) "
+                                      "RETURNING run_id", (spec.model_ver,)).fetchone()[0]
+            runner = Runner(cfg, conn, vector_type)
+            rows = _images_to_embed(conn, spec.model_ver)
+            say(f"recluster: {rows.num_rows} of the catalog's images need {spec.model_ver} vectors")
+            if rows.num_rows:
+                embeddings = runner.embed(f"recluster-{run_id:06d}", rows, spec)
+                with conn.transaction(), conn.cursor() as cur:
+                    copy_embeddings(cur, embeddings, vector_type, run_id)
+            ids, vectors = _all_vectors(conn, spec.model_ver, vector_type, cfg.home / "scratch")
+            n_clusters = 0
+            with conn.transaction(), conn.cursor() as cur:
+                before = _assignment(cur, old_ver) if old_ver else {}
+                cur.execute("DELETE FROM clusters WHERE model_ver = %s", (spec.model_ver,))
+                cur.execute("DELETE FROM cluster_transitions WHERE new_model_ver = %s", (spec.model_ver,))
+                if len(ids):
+                    counts = fit_and_write(cur, spec.model_ver, ids, lambda: _chunks(vectors), len(ids),
+                                           cluster_config(cfg["cluster"]), vector_type)
+                    n_clusters = counts.created
+                if before:
+                    _record_transitions(cur, old_ver, before, spec.model_ver)
+                db.set_meta(conn, "active_model", name)
+                db.set_meta(conn, "active_model_ver", spec.model_ver)
+                summary = ReclusterSummary(name, spec.model_ver, len(ids), rows.num_rows, n_clusters,
+                                           time.monotonic() - started)
+                cur.execute("UPDATE runs SET status = 'ok', finished_at = now(), summary = %s "
+                            "WHERE run_id = %s", (json.dumps(vars(summary)), run_id))
+            return summary
+    finally:
+        conn.close()
+        lock_conn.close()
+
+
+def _images_to_embed(conn: psycopg.Connection, model_ver: str) -> pa.Table:
+    """(sha256, thumb, path) of every image without a vector of model_ver."""
+    rows = conn.execute(
+        "SELECT i.sha256, i.thumb_path, min(p.path) FROM images i JOIN image_paths p USING (image_id) "
+        "WHERE NOT EXISTS (SELECT 1 FROM image_embeddings e WHERE e.image_id = i.image_id "
+        "AND e.model_ver = %s) GROUP BY i.image_id ORDER BY i.image_id", (model_ver,)).fetchall()
+    cols = list(zip(*rows, strict=True)) if rows else [[], [], []]
+    return pa.table({"sha256": pa.array(cols[0], pa.string()), "thumb": pa.array(cols[1], pa.string()),
+                     "path": pa.array(cols[2], pa.string())})
+
+
+def _all_vectors(conn: psycopg.Connection, model_ver: str, vector_type: str,
+                 scratch: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Every image's vector of model_ver, streamed into a memory-mapped file the fit reads in chunks."""
+    dims = "vector_dims(embedding)" if vector_type == "vector" else "length(embedding) / 4"
+    n, dim = conn.execute(f"SELECT count(*), max({dims}) FROM image_embeddings WHERE model_ver = %s",
+                          (model_ver,)).fetchone()
+    if not n:
+        return np.empty(0, np.int64), np.empty((0, 0), np.float32)
+    scratch.mkdir(parents=True, exist_ok=True)
+    vectors = np.lib.format.open_memmap(scratch / "recluster-vectors.npy", mode="w+", dtype=np.float32,
+                                        shape=(n, int(dim)))
+    ids = np.empty(n, np.int64)
+    query = psycopg.ClientCursor(conn).mogrify(
+        "SELECT image_id, embedding FROM image_embeddings WHERE model_ver = %s ORDER BY image_id",
+        (model_ver,))
+    with conn.cursor() as cur, cur.copy(f"COPY ({query}) TO STDOUT (FORMAT BINARY)") as copy:
+        copy.set_types(["int8", vector_type])
+        for i, (image_id, vec) in enumerate(copy.rows()):
+            ids[i] = image_id
+            vectors[i] = vector_from_db(vec)
+    vectors.flush()
+    return ids, vectors
+
+
+def _chunks(vectors: np.ndarray) -> Iterator[np.ndarray]:
+    for i in range(0, len(vectors), VECTOR_CHUNK):
+        yield np.asarray(vectors[i:i + VECTOR_CHUNK], dtype=np.float32)
+
+
+def _assignment(cur: psycopg.Cursor, model_ver: str) -> dict[int, int]:
+    return dict(cur.execute("SELECT image_id, cluster_id FROM image_cluster WHERE model_ver = %s",
+                            (model_ver,)).fetchall())
+
+
+def _record_transitions(cur: psycopg.Cursor, old_ver: str, before: dict[int, int], new_ver: str) -> None:
+    """Overlap counts between the clusters an image had before and the ones it has now."""
+    after = _assignment(cur, new_ver)
+    shared = sorted(set(before) & set(after))
+    if not shared:
+        return
+    mapping = cluster_mapping(np.asarray([before[i] for i in shared]), np.asarray([after[i] for i in shared]))
+    with cur.copy("COPY cluster_transitions (old_model_ver, old_cluster_id, new_model_ver, new_cluster_id, "
+                  "overlap) FROM STDIN") as copy:
+        for o, n, overlap in mapping[["old_cluster", "new_cluster", "overlap"]].itertuples(index=False):
+            copy.write_row((old_ver, int(o), new_ver, int(n), int(overlap)))
