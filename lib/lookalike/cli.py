@@ -42,6 +42,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sql", help="run a query; CSV on stdout")
     p.add_argument("query")
     _common(p)
+
+    p = sub.add_parser("similar", help="images like FILE (exact, near-duplicate, semantic) or like --text")
+    p.add_argument("file", nargs="?", metavar="FILE", help="an image file; it need not be in the catalog")
+    p.add_argument("-k", type=int, default=10, help="matches shown per kind (default 10)")
+    p.add_argument("--text", help="a text query instead of FILE (CLIP models only)")
+    _common(p)
+
+    p = sub.add_parser("report", help="static HTML report: cluster galleries, near-duplicates, errors")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for index.html and its thumbnails")
+    p.add_argument("--per-cluster", type=int, default=24, metavar="N",
+                   help="thumbnails per cluster and per near-duplicate group (default 24)")
+    _common(p)
     return parser
 
 
@@ -74,7 +86,9 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
         counts = conn.execute(
             "SELECT (SELECT count(*) FROM images), (SELECT count(*) FROM image_paths), "
             "(SELECT count(*) FROM ingest_errors), (SELECT count(*) FROM near_duplicates), "
-            "(SELECT count(DISTINCT group_id) FROM image_dup_group), (SELECT count(*) FROM clusters), "
+            "(SELECT count(DISTINCT group_id) FROM image_dup_group), "
+            "(SELECT count(*) FROM clusters WHERE model_ver = (SELECT value FROM catalog_meta "
+            "WHERE key = 'active_model_ver')), "
             "(SELECT count(*) FROM manifests WHERE status <> 'loaded')").fetchone()
         labels = ["images", "paths", "errors", "near-duplicate pairs", "near-duplicate groups",
                   "clusters", "unfinished manifests"]
@@ -109,12 +123,36 @@ def cmd_sql(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_similar(cfg: Config, args: argparse.Namespace) -> int:
+    from lookalike.catalog import Catalog
+    from lookalike.search import QueryError, format_results
+
+    with Catalog(config=cfg) as cat:
+        try:
+            matches = cat.similar(args.file, k=args.k, text=args.text)
+        except QueryError as e:  # e.g. --text on an image-only model: one line, no traceback
+            print(f"lookalike: {e}", file=sys.stderr)
+            return 2
+        print(format_results(matches, cat, args.k))
+    return 0
+
+
+def cmd_report(cfg: Config, args: argparse.Namespace) -> int:
+    from lookalike.catalog import Catalog
+    from lookalike.report import write_report
+
+    with Catalog(config=cfg) as cat:
+        print(write_report(cat, args.out, per_cluster=args.per_cluster).describe())
+    return 0
+
+
 def _first_line(e: BaseException) -> str:
     lines = str(e).strip().splitlines()
     return lines[0] if lines else type(e).__name__
 
 
-COMMANDS = {"run": cmd_run, "recluster": cmd_recluster, "status": cmd_status, "sql": cmd_sql}
+COMMANDS = {"run": cmd_run, "recluster": cmd_recluster, "status": cmd_status, "sql": cmd_sql,
+            "similar": cmd_similar, "report": cmd_report}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,105 @@
+"""Similarity categories end to end: incremental assignment across runs and a model-change recluster."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import IMAGENET, UKBENCH
+from lookalike import db
+from lookalike.config import Config
+from lookalike.pipeline import run
+from lookalike.recluster import recluster
+
+pytestmark = pytest.mark.slow
+
+SMALL_CLIP = "ViT-S-32-alt"  # a small open_clip architecture; random weights suffice to switch models
+
+
+def query(cfg: Config, sql: str, *params: object) -> list[tuple]:
+    with db.connect(cfg) as conn:
+        return conn.execute(sql, params).fetchall()
+
+
+def active(cfg: Config) -> str:
+    with db.connect(cfg) as conn:
+        return db.get_meta(conn, "active_model_ver")
+
+
+def one_row_per_embedded_image(cfg: Config) -> None:
+    ver = active(cfg)
+    (embedded,), = query(cfg, "SELECT count(*) FROM image_embeddings WHERE model_ver = %s", ver)
+    (members,), = query(cfg, "SELECT count(*) FROM image_cluster WHERE model_ver = %s", ver)
+    (images,), = query(cfg, "SELECT count(*) FROM images")
+    assert embedded == images == members
+
+
+@pytest.fixture
+def archive(tmp_path: Path) -> Path:
+    root = tmp_path / "archive"
+    shutil.copytree(UKBENCH, root / "ukbench")
+    (root / "imagenet").mkdir()
+    for p in sorted(IMAGENET.glob("*.JPEG"))[:40]:
+        shutil.copy(p, root / "imagenet" / p.name)
+    return root
+
+
+@pytest.fixture
+def small_clip_ckpt(tmp_path: Path) -> Path:
+    from lookalike.torch_compat import ensure_torchvision
+
+    ensure_torchvision()
+    import open_clip
+    import torch
+
+    torch.manual_seed(0)
+    path = tmp_path / f"{SMALL_CLIP}-random.pt"
+    torch.save(open_clip.create_model(SMALL_CLIP).state_dict(), path)
+    return path
+
+
+def test_assignments_survive_reruns_and_new_images_join(cfg: Config, archive: Path) -> None:
+    first = run(cfg, [str(archive)])
+    assert first.clusters.created > 0
+    one_row_per_embedded_image(cfg)
+    before = dict(query(cfg, "SELECT image_id, cluster_id FROM image_cluster "
+                             "WHERE image_id NOT IN (SELECT image_id FROM cluster_pool)"))
+    assert run(cfg, [str(archive)]).counts.files == 0
+    later = archive / "later"
+    later.mkdir()
+    for p in sorted(IMAGENET.glob("*.JPEG"))[40:70]:
+        shutil.copy(p, later / p.name)
+    second = run(cfg, [str(archive)])
+    assert second.counts.new_images == 30
+    assert second.clusters.joined + second.clusters.pooled + second.clusters.created > 0
+    one_row_per_embedded_image(cfg)
+    after = dict(query(cfg, "SELECT image_id, cluster_id FROM image_cluster"))
+    assert all(after[i] == c for i, c in before.items()), "a settled image changed cluster"
+    # Sizes count settled members only; pooled images hold provisional rows.
+    for cluster_id, size in query(cfg, "SELECT cluster_id, size FROM clusters"):
+        (settled,), = query(cfg, "SELECT count(*) FROM image_cluster WHERE cluster_id = %s AND image_id "
+                                 "NOT IN (SELECT image_id FROM cluster_pool)", cluster_id)
+        assert settled <= size
+
+
+def test_model_change_reclusters_from_thumbnails_only(cfg: Config, archive: Path,
+                                                      small_clip_ckpt: Path) -> None:
+    run(cfg, [str(archive)])
+    old_ver = active(cfg)
+    (old_clusters,), = query(cfg, "SELECT count(*) FROM clusters WHERE model_ver = %s", old_ver)
+    shutil.rmtree(archive)  # a recluster must not need a single original
+    summary = recluster(cfg, f"open_clip:{SMALL_CLIP}:{small_clip_ckpt}")
+    new_ver = active(cfg)
+    assert new_ver != old_ver and new_ver == summary.model_ver
+    assert summary.embedded == summary.images > 0
+    one_row_per_embedded_image(cfg)
+    # The retired model's clusters stay (for the transition record) but are not the active ones.
+    (kept,), = query(cfg, "SELECT count(*) FROM clusters WHERE model_ver = %s", old_ver)
+    assert kept == old_clusters
+    (moved,), = query(cfg, "SELECT sum(overlap) FROM cluster_transitions WHERE old_model_ver = %s "
+                           "AND new_model_ver = %s", old_ver, new_ver)
+    assert moved == summary.images
+    (errors,), = query(cfg, "SELECT count(*) FROM ingest_errors WHERE error = 'embed'")
+    assert errors == 0
