@@ -15,7 +15,8 @@ import numpy as np
 import psycopg
 
 from lookalike.clustering import ClusterConfig, assign, assign_incremental, fit_clusters
-from lookalike.db import vector_from_db, vector_to_db
+from lookalike.db import vector_to_db
+from lookalike.vectors import read_vectors
 
 
 @dataclass
@@ -33,23 +34,6 @@ class ClusterCounts:
 def cluster_config(cfg: dict) -> ClusterConfig:
     return ClusterConfig(k=cfg["k"] or None, merge_cosine=cfg["merge_cosine"],
                          join_cosine=cfg["join_cosine"], pool_min=cfg["pool_min"])
-
-
-def read_vectors(cur: psycopg.Cursor, sql: str, params: tuple,
-                 vector_type: str) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, vectors) of a query returning (id, embedding), through binary COPY."""
-    ids: list[int] = []
-    vecs: list[np.ndarray] = []
-    # COPY takes no bind parameters: the client cursor quotes them into the text safely.
-    query = psycopg.ClientCursor(cur.connection).mogrify(sql, params) if params else sql
-    with cur.copy(f"COPY ({query}) TO STDOUT (FORMAT BINARY)") as copy:
-        copy.set_types(["int8", vector_type])
-        for image_id, vec in copy.rows():
-            ids.append(image_id)
-            vecs.append(vector_from_db(vec))
-    if not vecs:
-        return np.empty(0, np.int64), np.empty((0, 0), np.float32)
-    return np.asarray(ids, np.int64), np.stack(vecs).astype(np.float32)
 
 
 def _existing(cur: psycopg.Cursor, model_ver: str, vector_type: str) -> tuple[np.ndarray, np.ndarray,

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import psycopg
@@ -22,12 +20,10 @@ from lookalike import db
 from lookalike.categories import cluster_config, fit_and_write
 from lookalike.clustering import cluster_mapping
 from lookalike.config import Config
-from lookalike.db import vector_from_db
 from lookalike.load import copy_embeddings
 from lookalike.models import resolve_model
 from lookalike.progress import say
-
-VECTOR_CHUNK = 65536
+from lookalike.vectors import chunks, spill_vectors
 
 
 @dataclass
@@ -68,14 +64,14 @@ def recluster(cfg: Config, model: str | None = None) -> ReclusterSummary:
                 embeddings = runner.embed(f"recluster-{run_id:06d}", rows, spec)
                 with conn.transaction(), conn.cursor() as cur:
                     copy_embeddings(cur, embeddings, vector_type, run_id)
-            ids, vectors = _all_vectors(conn, spec.model_ver, vector_type, cfg.home / "scratch")
+            ids, vectors = spill_vectors(conn, spec.model_ver, vector_type, cfg.home / "scratch")
             n_clusters = 0
             with conn.transaction(), conn.cursor() as cur:
                 before = _assignment(cur, old_ver) if old_ver else {}
                 cur.execute("DELETE FROM clusters WHERE model_ver = %s", (spec.model_ver,))
                 cur.execute("DELETE FROM cluster_transitions WHERE new_model_ver = %s", (spec.model_ver,))
                 if len(ids):
-                    counts = fit_and_write(cur, spec.model_ver, ids, lambda: _chunks(vectors), len(ids),
+                    counts = fit_and_write(cur, spec.model_ver, ids, lambda: chunks(vectors), len(ids),
                                            cluster_config(cfg["cluster"]), vector_type)
                     n_clusters = counts.created
                 if before:
@@ -101,35 +97,6 @@ def _images_to_embed(conn: psycopg.Connection, model_ver: str) -> pa.Table:
     cols = list(zip(*rows, strict=True)) if rows else [[], [], []]
     return pa.table({"sha256": pa.array(cols[0], pa.string()), "thumb": pa.array(cols[1], pa.string()),
                      "path": pa.array(cols[2], pa.string())})
-
-
-def _all_vectors(conn: psycopg.Connection, model_ver: str, vector_type: str,
-                 scratch: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Every image's vector of model_ver, streamed into a memory-mapped file the fit reads in chunks."""
-    dims = "vector_dims(embedding)" if vector_type == "vector" else "length(embedding) / 4"
-    n, dim = conn.execute(f"SELECT count(*), max({dims}) FROM image_embeddings WHERE model_ver = %s",
-                          (model_ver,)).fetchone()
-    if not n:
-        return np.empty(0, np.int64), np.empty((0, 0), np.float32)
-    scratch.mkdir(parents=True, exist_ok=True)
-    vectors = np.lib.format.open_memmap(scratch / "recluster-vectors.npy", mode="w+", dtype=np.float32,
-                                        shape=(n, int(dim)))
-    ids = np.empty(n, np.int64)
-    query = psycopg.ClientCursor(conn).mogrify(
-        "SELECT image_id, embedding FROM image_embeddings WHERE model_ver = %s ORDER BY image_id",
-        (model_ver,))
-    with conn.cursor() as cur, cur.copy(f"COPY ({query}) TO STDOUT (FORMAT BINARY)") as copy:
-        copy.set_types(["int8", vector_type])
-        for i, (image_id, vec) in enumerate(copy.rows()):
-            ids[i] = image_id
-            vectors[i] = vector_from_db(vec)
-    vectors.flush()
-    return ids, vectors
-
-
-def _chunks(vectors: np.ndarray) -> Iterator[np.ndarray]:
-    for i in range(0, len(vectors), VECTOR_CHUNK):
-        yield np.asarray(vectors[i:i + VECTOR_CHUNK], dtype=np.float32)
 
 
 def _assignment(cur: psycopg.Cursor, model_ver: str) -> dict[int, int]:
