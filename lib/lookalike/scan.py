@@ -10,6 +10,7 @@ catalog says why they were not catalogued, and nothing outside the roots is read
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from collections import deque
@@ -52,6 +53,26 @@ def _mtime(st: os.stat_result) -> datetime:
     return datetime.fromtimestamp(st.st_mtime_ns // 1000 / 1e6, tz=UTC)
 
 
+def _why_broken(link: str) -> str:
+    try:
+        os.stat(link)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "symbolic link loop: it never reaches a file"
+    return "symbolic link points to nothing"
+
+
+def _storable(row: Row) -> Row:
+    """Arrow and PostgreSQL text hold UTF-8 only. A name that is not (say, from an old Latin-1
+    system) is reported under a readable stand-in instead of failing the whole scan."""
+    try:
+        row[0].encode("utf-8")
+        return row
+    except UnicodeEncodeError:
+        shown = row[0].encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        return (shown, row[1], row[2], "bad_name", "file name is not valid UTF-8; rename it to catalogue it")
+
+
 def _classify(entry_path: str, settings: ScanSettings, visited: set[tuple[int, int]]) -> tuple[
         str, object]:
     """('dir', real path) | ('file', Row) | ('skip', None) for one directory entry."""
@@ -64,8 +85,7 @@ def _classify(entry_path: str, settings: ScanSettings, visited: set[tuple[int, i
         real = os.path.realpath(entry_path)
         if not os.path.exists(real):
             if settings.wants(name):
-                return "file", (entry_path, lst.st_size, _mtime(lst), "broken_link",
-                                "symbolic link points to nothing")
+                return "file", (entry_path, lst.st_size, _mtime(lst), "broken_link", _why_broken(entry_path))
             return "skip", None
         if not settings.inside_roots(real):
             if settings.wants(name) or os.path.isdir(real):
@@ -102,15 +122,15 @@ def _list_dir(path: str, settings: ScanSettings, visited: set[tuple[int, int]]) 
     try:
         names = sorted(os.listdir(path))
     except OSError as e:
-        files.append((path, 0, datetime.fromtimestamp(0, tz=UTC), "unreadable",
-                      f"cannot list directory: {e.strerror or e}"))
+        files.append(_storable((path, 0, datetime.fromtimestamp(0, tz=UTC), "unreadable",
+                                f"cannot list directory: {e.strerror or e}")))
         return dirs, files
     for name in names:
         kind, value = _classify(os.path.join(path, name), settings, visited)
         if kind == "dir":
             dirs.append(value)  # type: ignore[arg-type]
         elif kind == "file":
-            files.append(value)  # type: ignore[arg-type]
+            files.append(_storable(value))  # type: ignore[arg-type]
     return dirs, files
 
 
