@@ -100,13 +100,14 @@ def time_ways(files: list[Path], rounds: int) -> dict[str, float]:
 
 def worker_peak_rss(files: list[Path]) -> float:
     """Peak RSS (MB) of a fresh process extracting the given files, as a Spark worker would."""
+    # VmHWM is the process's own peak; ru_maxrss would include the parent's, inherited at fork.
     code = (
-        "import resource, sys, tempfile\n"
+        "import sys, tempfile\n"
         "from lookalike.extract import ExtractSettings, extract_file\n"
         "with tempfile.TemporaryDirectory() as d:\n"
         "    for p in sys.argv[1:]:\n"
         "        assert extract_file(p, ExtractSettings(d))['error'] is None\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n"
+        "print(next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')) / 1024)\n"
     )
     out = subprocess.run([sys.executable, "-c", code, *map(str, files)], check=True, capture_output=True,
                          text=True)
