@@ -8,9 +8,17 @@ HOME_DIR ?= $(CURDIR)/.lookalike
 IMAGES ?=
 PYTEST_ARGS ?=
 
-.PHONY: install run test lint demo clean
+.PHONY: install browser run test lint demo clean
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed browser
+
+# Headless Chromium for tests/test_report.py; installed only where missing and apt-get exists.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@command -v chromium >/dev/null 2>&1 || ! command -v apt-get >/dev/null 2>&1 || \
+	  { echo "installing chromium (headless checks of the HTML report)"; \
+	    $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium || \
+	    { $(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }; }
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	@bash scripts/check_prereqs.sh $(PYTHON)

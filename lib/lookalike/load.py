@@ -28,6 +28,7 @@ INSERT INTO images (sha256, width, height, format, bytes, thumb_path, run_id)
 SELECT DISTINCT ON (sha256) sha256, width, height, format, bytes, thumb, %(run_id)s
 FROM stage WHERE error IS NULL ORDER BY sha256, path
 ON CONFLICT (sha256) DO NOTHING
+RETURNING sha256, image_id
 """,
     """
 INSERT INTO image_hashes (image_id, phash, dhash, ahash, hash_version)
@@ -93,8 +94,9 @@ def _copy_stage(cur: psycopg.Cursor, features: pa.Table) -> None:
 
 
 def load_manifest(conn: psycopg.Connection, manifest_id: str, run_id: int, features: pa.Table,
-                  extra: Callable[[psycopg.Cursor], None] | None = None) -> LoadCounts:
-    """Load one manifest; `extra` runs inside the same transaction (embeddings, groups, clusters)."""
+                  extra: Callable[[psycopg.Cursor, dict[str, int]], None] | None = None) -> LoadCounts:
+    """Load one manifest; `extra` runs inside the same transaction (embeddings, groups, clusters)
+    and gets the sha256 -> image_id of the images this manifest added."""
     with conn.transaction(), conn.cursor() as cur:
         # Lock the manifest row: a second loader of the same manifest waits, then sees 'loaded'.
         status = cur.execute("SELECT status FROM manifests WHERE manifest_id = %s FOR UPDATE",
@@ -103,17 +105,17 @@ def load_manifest(conn: psycopg.Connection, manifest_id: str, run_id: int, featu
             return LoadCounts()
         _copy_stage(cur, features)
         params = {"run_id": run_id, "hash_version": HASH_VERSION}
-        cur.execute(_UPSERTS[0], params)
-        new = cur.rowcount  # the images insert comes first: its row count is the new images
+        inserted = dict(cur.execute(_UPSERTS[0], params).fetchall())
         for statement in _UPSERTS[1:]:
             cur.execute(statement, params)
         good, errors = cur.execute(
             "SELECT count(*) FILTER (WHERE error IS NULL), count(*) FILTER (WHERE error IS NOT NULL) "
             "FROM stage").fetchone()
         if extra is not None:
-            extra(cur)
+            extra(cur, inserted)
         cur.execute("UPDATE manifests SET status = 'loaded', loaded_at = now() WHERE manifest_id = %s",
                     (manifest_id,))
+    new = len(inserted)
     return LoadCounts(files=good + errors, new_images=new, exact_copies=good - new, errors=errors)
 
 

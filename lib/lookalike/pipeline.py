@@ -8,6 +8,7 @@ before anything new is scanned.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -30,8 +31,9 @@ if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 from lookalike.categories import ClusterCounts, assign_new, cluster_config
 from lookalike.config import Config
+from lookalike.dedup import DedupCounts, DedupIndexes, NewImages, dedup, neardup_config
 from lookalike.embed import EMBED_DDL, EmbedSettings, embed_batches
-from lookalike.extract import ExtractSettings, extract_batches
+from lookalike.extract import ExtractSettings, extract_batches, prepare_thumbs_dir
 from lookalike.layout import Layout
 from lookalike.load import LoadCounts, copy_embeddings, load_manifest
 from lookalike.models import ModelSpec, get_embedder, onnx_path, resolve_model
@@ -54,18 +56,21 @@ class RunSummary:
     manifests: int = 0
     counts: LoadCounts = field(default_factory=LoadCounts)
     clusters: ClusterCounts = field(default_factory=ClusterCounts)
+    dups: DedupCounts = field(default_factory=DedupCounts)
     seconds: float = 0.0
 
     def as_dict(self) -> dict[str, object]:
         d = asdict(self)
         d.update(d.pop("counts"))
         d.update({f"clusters_{k}": v for k, v in d.pop("clusters").items()})
+        d.update({f"near_duplicate_{k}": v for k, v in d.pop("dups").items()})
         return d
 
     def describe(self) -> str:
         c, k = self.counts, self.clusters
         return (f"run {self.run_id}: {c.files} files in {self.manifests} manifests, "
                 f"{c.new_images} new images, {c.exact_copies} exact copies, {c.errors} errors; "
+                f"{self.dups.pairs} near-duplicate pairs; "
                 f"clusters: {k.joined} joined, {k.created} created, {k.pooled} waiting "
                 f"({self.seconds:.1f} s)")
 
@@ -81,6 +86,8 @@ class Runner:
         self._spark = None
         self._model: ModelSpec | None = None
         self.clusters = ClusterCounts()
+        self.dups = DedupCounts()
+        self._indexes: DedupIndexes | None = None
 
     @property
     def spark(self) -> SparkSession:
@@ -95,7 +102,9 @@ class Runner:
         """(path, bytes, mtime) already catalogued, plus recorded errors unless retrying them."""
         sql = "SELECT path, bytes, mtime FROM image_paths"
         if not retry_errors:
-            sql += " UNION ALL SELECT path, bytes, mtime FROM ingest_errors WHERE bytes IS NOT NULL"
+            # A thumbnail error describes the disk, not the file: always retried.
+            sql += (" UNION ALL SELECT path, bytes, mtime FROM ingest_errors "
+                    "WHERE bytes IS NOT NULL AND error <> 'thumbnail'")
         paths, sizes, mtimes = [], [], []
         # COPY streams rows without building the whole result set on either side.
         with self.conn.cursor() as cur, cur.copy(f"COPY ({sql}) TO STDOUT (FORMAT BINARY)") as copy:
@@ -160,7 +169,7 @@ class Runner:
         if not Layout.is_complete(out):
             manifest = pq.read_metadata(self.layout.manifest(manifest_id))
             settings = ExtractSettings.from_config(self.cfg, self.layout.thumbs)
-            self.layout.thumbs.mkdir(parents=True, exist_ok=True)
+            prepare_thumbs_dir(self.layout.thumbs)  # fail the run once, not every file
             tasks = max(1, math.ceil(manifest.num_rows / self.cfg["extract"]["files_per_task"]))
             with stage(f"extract {manifest_id}", manifest.num_rows, self.spark):
                 df = self.spark.read.parquet(str(self.layout.manifest(manifest_id))).repartition(tasks)
@@ -212,6 +221,14 @@ class Runner:
             (spec.model_ver, good["sha256"].to_pylist()))}
         return good.filter(pc.invert(pc.is_in(good["sha256"], pa.array(sorted(done), pa.string()))))
 
+    @property
+    def indexes(self) -> DedupIndexes:
+        if self._indexes is None:
+            spec = self.model
+            self._indexes = DedupIndexes.open(self.conn, self.layout.home / "index", spec.model_ver, spec.dim,
+                                              self.vector_type)
+        return self._indexes
+
     # -- one manifest, start to end ---------------------------------------------------
     def process(self, manifest_id: str, run_id: int) -> LoadCounts:
         features = self.extract(manifest_id)
@@ -219,16 +236,23 @@ class Runner:
         embeddings = self.embed(manifest_id, self.new_images(features, spec), spec)
         started = time.monotonic()
 
-        clusters = ClusterCounts()
+        clusters, dups = ClusterCounts(), DedupCounts()
+        new: NewImages | None = None
 
-        def extra(cur: psycopg.Cursor) -> None:
+        def extra(cur: psycopg.Cursor, inserted: dict[str, int]) -> None:
+            nonlocal new
             copy_embeddings(cur, embeddings, self.vector_type, run_id)
+            new = new_images_for_dedup(features, embeddings, inserted, spec.dim)
+            dups.add(dedup(cur, self.indexes, new, neardup_config(self.cfg["neardup"])))
             ids, vecs = embedded_ids(cur, embeddings)
             clusters.add(assign_new(cur, spec.model_ver, ids, vecs, cluster_config(self.cfg["cluster"]),
                                     self.vector_type))
 
         counts = load_manifest(self.conn, manifest_id, run_id, features, extra)
+        if new is not None:
+            self.indexes.commit(self.conn, new)
         self.clusters.add(clusters)
+        self.dups.add(dups)
         say(f"load {manifest_id}: {counts.new_images} new images, {counts.exact_copies} exact copies, "
             f"{counts.errors} errors ({time.monotonic() - started:.1f} s)")
         return counts
@@ -267,9 +291,11 @@ def run(cfg: Config, roots: list[str], retry_errors: bool = False) -> RunSummary
                     summary.counts.add(runner.process(manifest_id, summary.run_id))
                 summary.manifests = len(resumed) + len(new_ids)
                 summary.clusters = runner.clusters
+                summary.dups = runner.dups
                 summary.seconds = time.monotonic() - started
             except BaseException as e:
-                with conn.transaction():
+                # Best effort: when the catalog itself went away, the original error matters.
+                with contextlib.suppress(psycopg.Error), conn.transaction():
                     conn.execute("UPDATE runs SET status = 'failed', finished_at = now(), message = %s "
                                  "WHERE run_id = %s", (str(e)[:500] or type(e).__name__, summary.run_id))
                 raise
@@ -322,3 +348,28 @@ def embedded_ids(cur: psycopg.Cursor, embeddings: pa.Table) -> tuple[np.ndarray,
     vectors = np.asarray(ok["vector"].to_pylist(), np.float32)
     order = np.argsort(image_ids)
     return image_ids[order], vectors[order]
+
+
+def new_images_for_dedup(features: pa.Table, embeddings: pa.Table, inserted: dict[str, int],
+                         dim: int) -> NewImages:
+    """The images this manifest added, with their hashes and (where embedded) vectors."""
+    good = features.filter(pc.is_null(features["error"])).to_pydict()
+    first: dict[str, int] = {}
+    for row, sha in enumerate(good["sha256"]):
+        if sha in inserted and sha not in first:
+            first[sha] = row
+    vectors = {sha: vec for sha, vec, err in zip(embeddings["sha256"].to_pylist(),
+                                                embeddings["vector"].to_pylist(),
+                                                embeddings["error"].to_pylist(), strict=True) if err is None}
+    shas = sorted(first, key=lambda s: inserted[s])
+    n = len(shas)
+    out = NewImages(ids=np.asarray([inserted[s] for s in shas], np.int64),
+                    phash=np.asarray([good["phash"][first[s]] for s in shas], np.int64),
+                    dihedral=np.asarray([good["phash_dihedral"][first[s]] for s in shas],
+                                        np.int64).reshape(n, 7),
+                    vectors=np.zeros((n, dim), np.float32), has_vector=np.zeros(n, bool))
+    for i, sha in enumerate(shas):
+        if sha in vectors:
+            out.vectors[i] = vectors[sha]
+            out.has_vector[i] = True
+    return out

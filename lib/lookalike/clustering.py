@@ -1,0 +1,414 @@
+"""Similarity categories: streamed MiniBatchKMeans, FAISS centroid merging, incremental assignment.
+
+Pure library (numpy, scikit-learn, faiss): no catalog or Spark code. Vectors are L2-normalised
+float32 embeddings, so the inner product is the cosine and Euclidean k-means on them is
+(approximately) spherical k-means.
+
+Full clustering (`fit_clusters`): a reservoir sample seeds k-means++, MiniBatchKMeans.partial_fit
+runs over the streamed batches, one exact Lloyd pass recomputes each centroid as the mean of its
+members, centroids closer than `merge_cosine` are merged (union-find over a FAISS range search),
+and a final counting pass gives each cluster its exact size under nearest-centroid assignment
+(so `assign` reproduces `sizes`). Empty clusters are dropped.
+
+Incremental runs (`assign_incremental`): a new image joins its nearest cluster when the cosine
+is >= `join_cosine` (the centroid moves as a size-weighted running mean); the others wait in a
+pool. Once the pool holds `pool_min` images, MiniBatchKMeans on the pool seeds new clusters;
+seeds within `merge_cosine` of an existing cluster are absorbed into it, so existing cluster
+indices are stable: they are never renumbered, removed or merged with each other.
+
+Pooled images and the catalog contract ("every embedded image has exactly one image_cluster
+row"): a pooled image gets a provisional row pointing to its nearest cluster with its cosine as
+sim_score, but is not counted in that cluster's size and does not move its centroid. The pool
+itself is state the caller persists (image ids per model_ver) and hands back as `pool_vecs` on
+the next run, where each pooled image is re-tested for joining before seeding; when the pool
+seeds, every pooled image gets its final cluster. `IncrementalResult.pooled` says which rows
+are provisional.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+import pandas as pd
+from sklearn.cluster import MiniBatchKMeans, kmeans_plusplus
+
+__all__ = [
+    "ClusterConfig",
+    "Clustering",
+    "IncrementalResult",
+    "assign",
+    "assign_incremental",
+    "cluster_mapping",
+    "derive_k",
+    "fit_clusters",
+    "merge_centroids",
+    "should_refit",
+]
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Clustering parameters. Defaults were chosen with bench/cluster_quality.py --sweep on
+    EfficientNet-Lite0 embeddings; the cosine thresholds are model-specific."""
+
+    k: int | None = None  # k-means clusters before merging; None: derive_k(n)
+    k_per_sqrt_n: float = 2.0  # derived k = k_per_sqrt_n * sqrt(n), clipped to [1, k_max]
+    k_max: int = 4096  # bounds the fit time of very large archives
+    merge_cosine: float = 0.90  # centroids (and merged groups) at least this close become one cluster
+    join_cosine: float = 0.40  # a new image joins its nearest cluster at this cosine or above
+    pool_min: int = 100  # pooled images that trigger seeding new clusters
+    refit_growth: float = 2.0  # should_refit once the collection has grown this much since the fit
+    batch_size: int = 4096  # MiniBatchKMeans step size
+    passes: int = 2  # minimum partial_fit passes over the data
+    min_steps: int = 200  # more passes on small data so MiniBatchKMeans converges
+    seed: int = 0
+
+
+@dataclass
+class Clustering:
+    centroids: np.ndarray  # (m, d) float32, L2-normalised
+    sizes: np.ndarray  # (m,) int64, members under nearest-centroid assignment
+    k_fit: int  # k-means clusters before merging and dropping empties
+
+
+@dataclass
+class IncrementalResult:
+    """Outcome of one incremental run.
+
+    Rows are `vecs` followed by `pool_vecs`, in that order. Existing clusters keep their
+    index; new clusters are appended (indices `new`).
+    """
+
+    centroids: np.ndarray  # (m', d) float32, normalised; m' >= m
+    sizes: np.ndarray  # (m',) int64; pooled rows are not counted
+    cluster: np.ndarray  # (rows,) int64, the cluster of each row's image_cluster row (or -1 if m' == 0)
+    sim: np.ndarray  # (rows,) float32, cosine of the row to that cluster's (updated) centroid
+    pooled: np.ndarray  # (rows,) bool, still pooled: `cluster` is provisional (nearest centroid)
+    new: np.ndarray  # int64 indices of clusters created in this run
+    changed: np.ndarray  # int64 indices of existing clusters whose centroid and size changed
+
+    @property
+    def labels(self) -> np.ndarray:
+        """Final cluster per row, -1 where the row is still pooled."""
+        return np.where(self.pooled, -1, self.cluster)
+
+
+def derive_k(n: int, cfg: ClusterConfig) -> int:
+    """k-means cluster count for n vectors: cfg.k when set, else k_per_sqrt_n * sqrt(n) up to k_max."""
+    k = cfg.k if cfg.k is not None else min(round(cfg.k_per_sqrt_n * math.sqrt(n)), cfg.k_max)
+    return int(max(1, min(k, n)))
+
+
+def should_refit(n_at_fit: int, n_now: int, cfg: ClusterConfig) -> bool:
+    """Whether incremental runs have grown the collection enough to warrant a full fit.
+
+    Incremental runs keep cluster indices stable but only add clusters; a full fit re-derives k
+    for the current size and re-balances the clusters. Mostly matters during the first load of
+    an archive, which arrives as many manifests after a fit on the first one.
+    """
+    return n_at_fit <= 0 or n_now >= cfg.refit_growth * n_at_fit
+
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(norms, 1e-12)
+
+
+def _chunks(batches: Iterable[np.ndarray], size: int) -> Iterator[np.ndarray]:
+    """Re-cut the caller's batches (any sizes, e.g. Parquet row groups) into steps of `size` rows."""
+    buf: list[np.ndarray] = []
+    held = 0
+    for b in batches:
+        b = np.asarray(b, dtype=np.float32)
+        while len(b):
+            take = b[: size - held]
+            b = b[len(take) :]
+            buf.append(take)
+            held += len(take)
+            if held == size:
+                yield np.concatenate(buf) if len(buf) > 1 else np.ascontiguousarray(buf[0])
+                buf, held = [], 0
+    if held:
+        yield np.concatenate(buf)
+
+
+def _reservoir(batches: Iterable[np.ndarray], size: int, rng: np.random.Generator) -> np.ndarray:
+    """Uniform sample of `size` rows from a stream: keep the rows with the smallest random keys.
+
+    A uniform sample (not the stream's first rows) matters because archives arrive ordered by
+    folder or date, and a prefix would seed k-means with one corner of the data.
+    """
+    keys = np.empty(0, dtype=np.float64)
+    rows = np.empty((0, 0), dtype=np.float32)
+    for b in batches:
+        b = np.asarray(b, dtype=np.float32)
+        bk = rng.random(len(b))
+        if len(keys) + len(b) > size:  # drop rows that cannot make the sample before stacking
+            cut = np.partition(np.concatenate([keys, bk]), size - 1)[size - 1]
+            keep = bk <= cut
+            b, bk = b[keep], bk[keep]
+        keys = np.concatenate([keys, bk])
+        rows = np.concatenate([rows, b]) if len(rows) else b.copy()
+        if len(keys) > size:
+            top = np.argpartition(keys, size - 1)[:size]
+            keys, rows = keys[top], rows[top]
+    return rows
+
+
+def _flat_ip(centroids: np.ndarray) -> faiss.IndexFlatIP:
+    index = faiss.IndexFlatIP(centroids.shape[1])
+    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
+    return index
+
+
+def assign(centroids: np.ndarray, vecs: np.ndarray, batch_size: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest centroid of each vector: (labels int64, cosine float32). No centroids: -1, -inf."""
+    vecs = np.ascontiguousarray(vecs, dtype=np.float32)
+    labels = np.full(len(vecs), -1, dtype=np.int64)
+    cos = np.full(len(vecs), -np.inf, dtype=np.float32)
+    if len(centroids) == 0 or len(vecs) == 0:
+        return labels, cos
+    index = _flat_ip(centroids)
+    for i in range(0, len(vecs), batch_size):
+        d, lab = index.search(vecs[i : i + batch_size], 1)
+        labels[i : i + batch_size] = lab[:, 0]
+        cos[i : i + batch_size] = d[:, 0]
+    return labels, cos
+
+
+def _group_sum(labels: np.ndarray, rows: np.ndarray, m: int) -> np.ndarray:
+    """Per-label sum of rows, (m, d) float64 (sort + reduceat: np.add.at is ~50x slower)."""
+    sums = np.zeros((m, rows.shape[1]), dtype=np.float64)
+    if len(labels):
+        order = np.argsort(labels, kind="stable")
+        sorted_labels = labels[order]
+        starts = np.flatnonzero(np.r_[True, sorted_labels[1:] != sorted_labels[:-1]])
+        sums[sorted_labels[starts]] = np.add.reduceat(rows[order].astype(np.float64), starts, axis=0)
+    return sums
+
+
+class _UnionFind:
+    def __init__(self, n: int) -> None:
+        self.parent = np.arange(n)
+
+    def find(self, i: int) -> int:
+        root = i
+        while self.parent[root] != root:
+            root = self.parent[root]
+        while self.parent[i] != root:  # path compression
+            self.parent[i], i = root, self.parent[i]
+        return int(root)
+
+
+def merge_centroids(
+    vectors: np.ndarray, weights: np.ndarray, merge_cosine: float, n_fixed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Merge centroids closer than merge_cosine: FAISS range search for candidate pairs, union-find.
+
+    `vectors` are centroids (normalised, or un-normalised member means for an exact merge),
+    `weights` their sizes; a merged centroid is the size-weighted mean, re-normalised.
+    Candidate pairs are taken in decreasing cosine, and two groups are united only while
+    their merged centroids are still >= merge_cosine apart: plain single linkage would chain
+    a-b-c into one cluster even when a and c are far apart, which on real embeddings (where
+    every centroid has a near neighbour) snowballs into a few giant clusters.
+
+    The first `n_fixed` rows are existing clusters that must survive: two of them never end
+    up in one group, and a group holding one keeps its index. Returns (merged normalised
+    centroids, merged weights, group of each input row); fixed rows map to themselves and the
+    other groups are numbered from n_fixed on, in input order.
+    """
+    n = len(vectors)
+    w = np.asarray(weights, dtype=np.float64)
+    group_sum = np.asarray(vectors, dtype=np.float64) * w[:, None]  # valid at union-find roots
+    uf = _UnionFind(n)
+    fixed = np.zeros(n, dtype=bool)
+    fixed[:n_fixed] = True
+    if n > 1:
+        unit = _normalise(vectors)
+        # Range search keeps memory linear in the pairs found; its radius is exclusive, so nudge it.
+        radius = float(np.nextafter(np.float32(merge_cosine), np.float32(-1)))
+        lims, sims, nbrs = _flat_ip(unit).range_search(unit, radius)
+        src = np.repeat(np.arange(n), np.diff(lims.astype(np.int64)))
+        pair = (src < nbrs) & ~(fixed[src] & fixed[nbrs])  # each edge once; existing pairs never merge
+        src, dst, sims = src[pair], nbrs[pair], sims[pair]
+        for e in np.argsort(-sims, kind="stable"):
+            a, b = uf.find(src[e]), uf.find(dst[e])
+            if a == b or (fixed[a] and fixed[b]):
+                continue
+            sa, sb = group_sum[a], group_sum[b]
+            if sa @ sb < merge_cosine * np.linalg.norm(sa) * np.linalg.norm(sb):
+                continue
+            if fixed[b]:  # a fixed row stays the root, so its group keeps the existing index
+                a, b = b, a
+            uf.parent[b] = a
+            group_sum[a] = sa + sb
+    roots = np.array([uf.find(i) for i in range(n)], dtype=np.int64)
+    new_roots = np.unique(roots[roots >= n_fixed])
+    index_of = np.full(n, -1, dtype=np.int64)
+    index_of[:n_fixed] = np.arange(n_fixed)
+    index_of[new_roots] = n_fixed + np.arange(len(new_roots))
+    group = index_of[roots]
+    m = n_fixed + len(new_roots)
+    sums = _group_sum(group, np.asarray(vectors, dtype=np.float64) * w[:, None], m)
+    return _normalise(sums), np.bincount(group, weights=w, minlength=m), group
+
+
+def _kmeans_pp(sample: np.ndarray, k: int, seed: int) -> np.ndarray:
+    # float64: sklearn's float32 distance path upcasts chunk by chunk and is ~3x slower here.
+    return kmeans_plusplus(sample.astype(np.float64), k, random_state=seed)[0].astype(np.float32)
+
+
+def _member_stats(
+    batches: Iterable[np.ndarray], centroids: np.ndarray, batch_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """One pass: per-centroid sum of its nearest members and their count."""
+    index = _flat_ip(centroids)
+    sums = np.zeros(centroids.shape, dtype=np.float64)
+    counts = np.zeros(len(centroids), dtype=np.int64)
+    for chunk in _chunks(batches, max(batch_size, 65536)):
+        lab = index.search(chunk, 1)[1][:, 0]
+        sums += _group_sum(lab, chunk, len(centroids))
+        counts += np.bincount(lab, minlength=len(centroids))
+    return sums, counts
+
+
+def fit_clusters(batches: Callable[[], Iterable[np.ndarray]], n: int, cfg: ClusterConfig) -> Clustering:
+    """Full clustering of a streamed collection of n normalised float32 vectors.
+
+    `batches()` must yield the same vectors each time it is called (any batch sizes); it is
+    called passes + 3 times (sample, partial_fit passes, Lloyd pass, counting pass), and no
+    more than one batch plus the sample and the centroids is held in memory.
+    """
+    k = derive_k(n, cfg)
+    rng = np.random.default_rng(cfg.seed)
+    sample = _reservoir(batches(), min(n, max(3 * k, cfg.batch_size)), rng)
+    if not len(sample):
+        raise ValueError("fit_clusters: the batches yielded no vectors")
+    k = min(k, len(sample))
+    init = _kmeans_pp(sample, k, cfg.seed)
+    del sample
+    km = MiniBatchKMeans(
+        n_clusters=k,
+        init=init,
+        n_init=1,
+        batch_size=cfg.batch_size,
+        compute_labels=False,
+        random_state=cfg.seed,
+    )
+    passes = max(cfg.passes, math.ceil(cfg.min_steps / math.ceil(max(n, 1) / cfg.batch_size)))
+    for _ in range(passes):
+        for chunk in _chunks(batches(), cfg.batch_size):
+            # Shuffle within the step: stream order is often by folder/date.
+            km.partial_fit(chunk[rng.permutation(len(chunk))])
+
+    # One exact Lloyd step: centroids become their members' means, empty clusters drop out.
+    sums, counts = _member_stats(batches(), _normalise(km.cluster_centers_), cfg.batch_size)
+    live = counts > 0
+    means = sums[live] / counts[live, None]
+    # Merging un-normalised means weighted by counts is the exact mean of the merged members.
+    centroids, _, _ = merge_centroids(means, counts[live], cfg.merge_cosine)
+
+    # Sizes under nearest-centroid assignment, so that `assign` agrees with them.
+    _, sizes = _member_stats(batches(), centroids, cfg.batch_size)
+    live = sizes > 0
+    return Clustering(centroids=centroids[live], sizes=sizes[live], k_fit=k)
+
+
+def _seed_pool(pool: np.ndarray, cfg: ClusterConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Seed centroids (normalised) and their sizes: the pool clustered as a full fit of it would be."""
+    k = derive_k(len(pool), cfg)
+    init = _kmeans_pp(pool, k, cfg.seed)
+    km = MiniBatchKMeans(n_clusters=k, init=init, n_init=1, batch_size=cfg.batch_size, random_state=cfg.seed)
+    km.fit(pool)
+    used = np.bincount(km.labels_, minlength=k)
+    return _normalise(km.cluster_centers_[used > 0]), used[used > 0]
+
+
+def assign_incremental(
+    centroids: np.ndarray,
+    sizes: np.ndarray,
+    vecs: np.ndarray,
+    pool_vecs: np.ndarray,
+    cfg: ClusterConfig,
+) -> IncrementalResult:
+    """Assign new vectors (and re-test the pool) against an existing clustering.
+
+    Rows = vecs then pool_vecs. Joins are decided against the centroids as they were at the
+    start of the call and applied together, so the outcome does not depend on row order.
+    """
+    sizes = np.asarray(sizes, dtype=np.int64)
+    m = len(sizes)
+    d = np.asarray(vecs).shape[-1] if m == 0 else np.asarray(centroids).shape[1]
+    centroids = _normalise(np.asarray(centroids).reshape(m, d))
+    rows = _normalise(np.concatenate([np.asarray(vecs).reshape(-1, d), np.asarray(pool_vecs).reshape(-1, d)]))
+
+    nearest, cos = assign(centroids, rows)
+    cluster = np.where(cos >= cfg.join_cosine, nearest, -1)
+    targets = centroids
+    pool_idx = np.flatnonzero(cluster < 0)
+    if len(pool_idx) >= max(cfg.pool_min, 1):
+        seeds, seed_sizes = _seed_pool(rows[pool_idx], cfg)
+        # Seeds within merge_cosine of an existing cluster are absorbed by it (existing rows are
+        # fixed: they keep their index and never merge with each other); the other seed groups
+        # are appended as new clusters.
+        targets, _, _ = merge_centroids(
+            np.concatenate([centroids, seeds]),
+            np.concatenate([sizes, seed_sizes]),
+            cfg.merge_cosine,
+            n_fixed=m,
+        )
+        # Every pooled image now goes to its nearest cluster, existing or new.
+        cluster[pool_idx] = assign(targets, rows[pool_idx])[0]
+
+    # Size-weighted running means: the old centroid counts as `size` members.
+    member = cluster >= 0
+    added = np.bincount(cluster[member], minlength=len(targets))
+    sums = _group_sum(cluster[member], rows[member], len(targets))
+    sums[:m] += centroids * sizes[:, None]
+    # Seeds that attracted nobody are dropped; the survivors are numbered after the existing ones.
+    keep = np.concatenate([np.ones(m, dtype=bool), added[m:] > 0])
+    renumber = np.cumsum(keep) - 1
+    cluster[member] = renumber[cluster[member]]
+    touched = keep & (added > 0)
+    out_centroids = targets[keep].copy()
+    out_centroids[touched[keep]] = _normalise(sums[touched])
+    out_centroids[:m][added[:m] == 0] = centroids[added[:m] == 0]  # untouched clusters stay bit-identical
+    out_sizes = (np.concatenate([sizes, np.zeros(len(targets) - m, dtype=np.int64)]) + added)[keep]
+
+    pooled = ~member
+    # Provisional rows point to the nearest centroid as it stands after this run.
+    cluster[pooled] = assign(out_centroids, rows[pooled])[0]
+    sim = np.full(len(rows), -np.inf, dtype=np.float32)
+    has = cluster >= 0
+    sim[has] = np.einsum("ij,ij->i", rows[has], out_centroids[cluster[has]])
+    return IncrementalResult(
+        centroids=out_centroids,
+        sizes=out_sizes,
+        cluster=cluster,
+        sim=sim,
+        pooled=pooled,
+        new=np.arange(m, len(out_centroids), dtype=np.int64),
+        changed=np.flatnonzero(added[:m] > 0).astype(np.int64),
+    )
+
+
+def cluster_mapping(old_labels: np.ndarray, new_labels: np.ndarray) -> pd.DataFrame:
+    """How the images of each old cluster spread over the new clusters (after a recluster).
+
+    One row per (old_cluster, new_cluster) pair sharing images, with the number shared;
+    sorted by old_cluster, then overlap descending.
+    """
+    old_labels, new_labels = np.asarray(old_labels), np.asarray(new_labels)
+    if old_labels.shape != new_labels.shape:
+        raise ValueError("old_labels and new_labels must label the same images")
+    df = pd.DataFrame({"old_cluster": old_labels, "new_cluster": new_labels})
+    out = df.groupby(["old_cluster", "new_cluster"], sort=False).size().reset_index(name="overlap")
+    out["overlap"] = out["overlap"].astype(np.int64)
+    return out.sort_values(
+        ["old_cluster", "overlap", "new_cluster"], ascending=[True, False, True], ignore_index=True
+    )
