@@ -29,9 +29,9 @@ TRAIN_SAMPLE = 100_000
 
 @dataclass(frozen=True)
 class NearDupConfig:
-    phash_radius: int = 10   # Hamming bits between pHashes of near-duplicates
+    phash_radius: int = 8    # Hamming bits between pHashes of near-duplicates
     orient_radius: int = 8   # the same, for a flipped or rotated pHash of the new image
-    min_cosine: float = 0.90  # embedding cosine of near-duplicates (crops, watermarks)
+    min_cosine: float = 0.80  # embedding cosine of near-duplicates (crops, watermarks)
     k: int = 10              # embedding neighbours looked at per new image
 
 
