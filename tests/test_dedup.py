@@ -66,7 +66,8 @@ def test_find_pairs_against_the_catalog_and_within_the_batch() -> None:
     far /= np.linalg.norm(far, axis=1, keepdims=True)
     vecs = np.stack([far[0], far[1], far[1]])  # 502 and 503 share an embedding
     new = new_images([501, 502, 503], [near_hash, 12345, -999], vecs)
-    found = find_pairs(new, hashes, vectors, NearDupConfig())
+    stored = dict(zip(range(1, 201), catalog_vecs, strict=True))
+    found = find_pairs(new, hashes, vectors, NearDupConfig(), lambda ids: {i: stored[i] for i in ids})
     got = {(a, b, m) for a, b, m in found[["image_id", "other_id", "method"]].itertuples(index=False)}
     assert (10, 501, "phash") in got
     assert (502, 503, "embedding") in got

@@ -9,6 +9,7 @@ the manifest's transaction.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,8 +22,10 @@ from scipy.sparse.csgraph import connected_components
 
 from lookalike.neardup import HashIndex, VectorIndex
 from lookalike.progress import say
-from lookalike.vectors import chunks, spill_vectors
+from lookalike.vectors import chunks, read_vectors, spill_vectors
 
+# Cosine margin below min_cosine within which the compressed index's hits are re-checked.
+CANDIDATE_SLACK = 0.1
 # Vectors used to train the IVF quantiser when an index is built from the catalog.
 TRAIN_SAMPLE = 100_000
 
@@ -117,12 +120,17 @@ class DedupIndexes:
         self.save(self._catalog_state(conn))
 
 
-def find_pairs(new: NewImages, hashes: HashIndex, vectors: VectorIndex, cfg: NearDupConfig) -> pd.DataFrame:
+def find_pairs(new: NewImages, hashes: HashIndex, vectors: VectorIndex, cfg: NearDupConfig,
+               exact: Callable[[np.ndarray], dict[int, np.ndarray]]) -> pd.DataFrame:
     """Near-duplicate pairs of the new images with the catalog's indexes and with each other.
 
     pHash within phash_radius; a flipped or rotated pHash of the new image within orient_radius
     (pairs the plain pHash did not find); embedding cosine >= min_cosine among the k nearest.
     One row per pair and method, image_id < other_id, the smallest distance kept.
+
+    The vector index is compressed and trained on the catalog as it was, so it only proposes
+    candidates (with CANDIDATE_SLACK); `exact(ids)` returns the stored vectors, and the
+    threshold is applied to exact cosines: the same pairs whatever the index's history.
     """
     parts: list[pd.DataFrame] = []
 
@@ -139,8 +147,12 @@ def find_pairs(new: NewImages, hashes: HashIndex, vectors: VectorIndex, cfg: Nea
     with_vec = np.flatnonzero(new.has_vector)
     if len(with_vec):
         queries = new.vectors[with_vec]
-        rows, matched, cos = vectors.search(queries, cfg.k, cfg.min_cosine)
-        collect(with_vec[rows], matched, 1.0 - cos, "embedding")
+        rows, matched, _ = vectors.search(queries, cfg.k, cfg.min_cosine - CANDIDATE_SLACK)
+        if len(rows):
+            stored = exact(np.unique(matched))
+            cos = np.einsum("ij,ij->i", queries[rows], np.stack([stored[i] for i in matched]))
+            ok = cos >= cfg.min_cosine
+            collect(with_vec[rows[ok]], matched[ok], 1.0 - cos[ok], "embedding")
         # Among the batch: exact inner products over a flat index of the batch itself.
         batch = faiss.IndexFlatIP(queries.shape[1])
         batch.add(np.ascontiguousarray(queries, dtype=np.float32))
@@ -186,12 +198,19 @@ def merge_groups(pairs: pd.DataFrame, existing: pd.DataFrame) -> pd.DataFrame:
     return groups[changed].reset_index(drop=True)
 
 
-def dedup(cur: psycopg.Cursor, indexes: DedupIndexes, new: NewImages, cfg: NearDupConfig) -> DedupCounts:
+def dedup(cur: psycopg.Cursor, indexes: DedupIndexes, new: NewImages, cfg: NearDupConfig,
+          model_ver: str, vector_type: str) -> DedupCounts:
     """Pairs of the new images with the catalog and among themselves; groups merged; all in `cur`'s
     transaction."""
     if len(new.ids) == 0:
         return DedupCounts()
-    pairs = find_pairs(new, indexes.hashes, indexes.vectors, cfg)
+    def exact(ids: np.ndarray) -> dict[int, np.ndarray]:
+        found, vecs = read_vectors(cur, "SELECT image_id, embedding FROM image_embeddings "
+                                        "WHERE model_ver = %s AND image_id = ANY(%s)",
+                                   (model_ver, ids.tolist()), vector_type)
+        return dict(zip(found.tolist(), vecs, strict=True))
+
+    pairs = find_pairs(new, indexes.hashes, indexes.vectors, cfg, exact)
     if pairs.empty:
         return DedupCounts()
     cur.execute("CREATE TEMP TABLE stage_pairs (image_id int8, other_id int8, method text, distance float4) "

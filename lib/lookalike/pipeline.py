@@ -243,7 +243,8 @@ class Runner:
             nonlocal new
             copy_embeddings(cur, embeddings, self.vector_type, run_id)
             new = new_images_for_dedup(features, embeddings, inserted, spec.dim)
-            dups.add(dedup(cur, self.indexes, new, neardup_config(self.cfg["neardup"])))
+            dups.add(dedup(cur, self.indexes, new, neardup_config(self.cfg["neardup"]), spec.model_ver,
+                           self.vector_type))
             ids, vecs = embedded_ids(cur, embeddings)
             clusters.add(assign_new(cur, spec.model_ver, ids, vecs, cluster_config(self.cfg["cluster"]),
                                     self.vector_type))
