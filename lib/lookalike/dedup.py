@@ -28,6 +28,30 @@ from lookalike.vectors import chunks, read_vectors, spill_vectors
 CANDIDATE_SLACK = 0.1
 # Vectors used to train the IVF quantiser when an index is built from the catalog.
 TRAIN_SAMPLE = 100_000
+# Up to this many vectors the search is exact (a flat index, 256 MB at 1280-d); beyond, the
+# compressed VectorIndex, whose projection and quantiser need that much data to be trained well.
+EXACT_UP_TO = 50_000
+
+
+class ExactVectorIndex:
+    """Exact cosine k-NN over every vector: for catalogs too small to train a compressed index."""
+
+    def __init__(self, dim: int) -> None:
+        self._index = faiss.IndexIDMap(faiss.IndexFlatIP(dim))
+
+    def __len__(self) -> int:
+        return self._index.ntotal
+
+    def add(self, ids: np.ndarray, vecs: np.ndarray) -> None:
+        self._index.add_with_ids(np.ascontiguousarray(vecs, np.float32), np.asarray(ids, np.int64))
+
+    def search(self, vecs: np.ndarray, k: int,
+               min_cosine: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if len(self) == 0 or len(vecs) == 0:
+            return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32)
+        sims, ids = self._index.search(np.ascontiguousarray(vecs, np.float32), k)
+        rows, cols = np.nonzero((sims >= min_cosine) & (ids >= 0))
+        return rows.astype(np.int64), ids[rows, cols], sims[rows, cols]
 
 
 @dataclass(frozen=True)
@@ -67,10 +91,13 @@ def neardup_config(cfg: dict) -> NearDupConfig:
 class DedupIndexes:
     """The catalog's pHash index (persisted under <home>/index) and the vector index of a model_ver."""
 
-    def __init__(self, folder: Path, hashes: HashIndex, vectors: VectorIndex) -> None:
+    def __init__(self, folder: Path, hashes: HashIndex, vectors: ExactVectorIndex | VectorIndex,
+                 source: tuple[psycopg.Connection, str, int, str]) -> None:
         self.folder = folder
         self.hashes = hashes
         self.vectors = vectors
+        self._source = source  # where to rebuild the vector index from
+        self._built_with = len(vectors)
 
     @staticmethod
     def _catalog_state(conn: psycopg.Connection) -> dict[str, int]:
@@ -89,18 +116,8 @@ class DedupIndexes:
             rows = conn.execute("SELECT image_id, phash FROM image_hashes ORDER BY image_id").fetchall()
             hashes = HashIndex(np.asarray([r[0] for r in rows], np.int64),
                                np.asarray([r[1] for r in rows], np.int64))
-        # The vector index is trained on the catalog as it is now, so its coarse quantiser
-        # follows the collection as it grows.
-        vectors = VectorIndex(dim)
-        vec_ids, vecs = spill_vectors(conn, model_ver, vector_type, folder / "scratch")
-        if len(vec_ids):
-            step = max(1, len(vec_ids) // TRAIN_SAMPLE)
-            vectors.train(np.asarray(vecs[::step], np.float32), expected_size=len(vec_ids))
-            start = 0
-            for chunk in chunks(vecs):
-                vectors.add(vec_ids[start:start + len(chunk)], chunk)
-                start += len(chunk)
-        index = cls(folder, hashes, vectors)
+        vectors = build_vector_index(conn, model_ver, dim, vector_type, folder / "scratch")
+        index = cls(folder, hashes, vectors, (conn, model_ver, dim, vector_type))
         index.save(want)
         return index
 
@@ -115,12 +132,36 @@ class DedupIndexes:
     def commit(self, conn: psycopg.Connection, new: NewImages) -> None:
         """After the manifest's transaction committed: the new images become searchable."""
         self.hashes.add(new.ids, new.phash)
-        if new.has_vector.any():
+        grown = len(self.vectors) + int(new.has_vector.sum())
+        if grown > EXACT_UP_TO and grown > 2 * self._built_with:
+            # Retrain on the catalog as it is now, so the quantiser follows the collection.
+            conn_, model_ver, dim, vector_type = self._source
+            self.vectors = build_vector_index(conn_, model_ver, dim, vector_type, self.folder / "scratch")
+            self._built_with = len(self.vectors)
+        elif new.has_vector.any():
             self.vectors.add(new.ids[new.has_vector], new.vectors[new.has_vector])
         self.save(self._catalog_state(conn))
 
 
-def find_pairs(new: NewImages, hashes: HashIndex, vectors: VectorIndex, cfg: NearDupConfig,
+def build_vector_index(conn: psycopg.Connection, model_ver: str, dim: int, vector_type: str,
+                       scratch: Path) -> ExactVectorIndex | VectorIndex:
+    """The vector index of every catalogued vector of model_ver: exact while the catalog is small."""
+    vec_ids, vecs = spill_vectors(conn, model_ver, vector_type, scratch)
+    index: ExactVectorIndex | VectorIndex
+    if len(vec_ids) <= EXACT_UP_TO:
+        index = ExactVectorIndex(dim)
+    else:
+        index = VectorIndex(dim)
+        step = max(1, len(vec_ids) // TRAIN_SAMPLE)
+        index.train(np.asarray(vecs[::step], np.float32), expected_size=len(vec_ids))
+    start = 0
+    for chunk in chunks(vecs):
+        index.add(vec_ids[start:start + len(chunk)], chunk)
+        start += len(chunk)
+    return index
+
+
+def find_pairs(new: NewImages, hashes: HashIndex, vectors: ExactVectorIndex | VectorIndex, cfg: NearDupConfig,
                exact: Callable[[np.ndarray], dict[int, np.ndarray]]) -> pd.DataFrame:
     """Near-duplicate pairs of the new images with the catalog's indexes and with each other.
 
