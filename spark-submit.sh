@@ -21,6 +21,7 @@ master=${SPARK_MASTER:-local[*]}
 while [ $# -gt 0 ]; do
   case "$1" in
     --master) master=$2; shift 2 ;;
+    --verbose|--supervise) opts+=("$1"); shift ;;  # spark-submit's options that take no value
     --*) opts+=("$1" "$2"); shift 2 ;;
     *) break ;;
   esac
@@ -33,19 +34,22 @@ job="$here/jobs/$1.py"; shift
 build="$here/build"
 mkdir -p "$build"
 (cd "$here/lib" && "$python" - <<'PY'
-import pathlib, zipfile
+import os, pathlib, zipfile
 out = pathlib.Path("../build/lookalike.zip")
-with zipfile.ZipFile(out.with_suffix(".tmp"), "w", zipfile.ZIP_DEFLATED) as z:
+tmp = out.with_suffix(f".{os.getpid()}.tmp")  # two jobs submitted at once must not share it
+with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
     for p in sorted(pathlib.Path("lookalike").rglob("*")):
         if p.is_file() and "__pycache__" not in p.parts:
             z.write(p)
-out.with_suffix(".tmp").replace(out)
+tmp.replace(out)
 PY
 )
 export PYSPARK_PYTHON="$python" PYSPARK_DRIVER_PYTHON="$python"
 export LOOKALIKE_DEFAULTS="$here/conf/lookalike.toml" LOOKALIKE_SPARK_MASTER="$master"
+# The driver JVM is spark-submit's own: without this it logs every INFO line of Spark's start.
 exec "$submit" --master "$master" \
   --conf spark.ui.showConsoleProgress=false \
+  --conf spark.driver.extraJavaOptions=-Dlog4j2.level=warn \
   --conf "spark.executorEnv.PYSPARK_PYTHON=$python" \
   --py-files "$build/lookalike.zip" --files "$here/conf/lookalike.toml" \
   "${opts[@]}" "$job" "$@"

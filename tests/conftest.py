@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+
 from lookalike.config import Config, load_config
 
 REPO = Path(__file__).resolve().parents[1]

@@ -6,8 +6,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import IMAGENET, UKBENCH
+
 from lookalike import db
 from lookalike.config import Config
 from lookalike.pipeline import run

@@ -4,11 +4,12 @@ Pure library (numpy, scikit-learn, faiss): no catalog or Spark code. Vectors are
 float32 embeddings, so the inner product is the cosine and Euclidean k-means on them is
 (approximately) spherical k-means.
 
-Full clustering (`fit_clusters`): a reservoir sample seeds k-means++, MiniBatchKMeans.partial_fit
-runs over the streamed batches, one exact Lloyd pass recomputes each centroid as the mean of its
-members, centroids closer than `merge_cosine` are merged (union-find over a FAISS range search),
-and a final counting pass gives each cluster its exact size under nearest-centroid assignment
-(so `assign` reproduces `sizes`). Empty clusters are dropped.
+Full clustering (`fit_clusters`): spherical Lloyd k-means on a reservoir sample starts
+MiniBatchKMeans, whose partial_fit then runs over the streamed batches; one exact Lloyd pass
+recomputes each centroid as the mean of its members, centroids closer than `merge_cosine` are
+merged (union-find over a FAISS range search), and a final counting pass gives each cluster its
+exact size under nearest-centroid assignment (so `assign` reproduces `sizes`). Empty clusters
+are dropped.
 
 Incremental runs (`assign_incremental`): a new image joins its nearest cluster when the cosine
 is >= `join_cosine` (the centroid moves as a size-weighted running mean); the others wait in a
@@ -62,9 +63,9 @@ class ClusterConfig:
     join_cosine: float = 0.40  # a new image joins its nearest cluster at this cosine or above
     pool_min: int = 100  # pooled images that trigger seeding new clusters
     refit_growth: float = 2.0  # should_refit once the collection has grown this much since the fit
+    init_per_cluster: int = 40  # sample rows per cluster for the Lloyd initialisation
     batch_size: int = 4096  # MiniBatchKMeans step size
-    passes: int = 2  # minimum partial_fit passes over the data
-    min_steps: int = 200  # more passes on small data so MiniBatchKMeans converges
+    passes: int = 2  # partial_fit passes over the data after the warm start
     seed: int = 0
 
 
@@ -258,9 +259,32 @@ def merge_centroids(
     return _normalise(sums), np.bincount(group, weights=w, minlength=m), group
 
 
-def _kmeans_pp(sample: np.ndarray, k: int, seed: int) -> np.ndarray:
-    # float64: sklearn's float32 distance path upcasts chunk by chunk and is ~3x slower here.
-    return kmeans_plusplus(sample.astype(np.float64), k, random_state=seed)[0].astype(np.float32)
+def _warm_kmeans(sample: np.ndarray, k: int, cfg: ClusterConfig) -> MiniBatchKMeans:
+    """MiniBatchKMeans started from spherical Lloyd (FAISS) on the sample, its counts warmed on it.
+
+    Started the usual way (centroids on data points, counts at zero, so each centroid jumps to
+    the mean of its first few batch members), MiniBatchKMeans collapses on embeddings: in high
+    dimensions a mean of many vectors is closer to a new vector than any single vector is, so the
+    centroids that become means first capture everything and the rest stay near-empty. Measured
+    on 100k synthetic vectors, k=632: median cluster size 1 and ARI 0.12 against the generating
+    centres, versus median ~80 and ARI 0.32-0.37 started this way. Lloyd iterations turn all
+    centroids into means at once; one partial_fit step over the sample then gives each centroid
+    a weight of about `init_per_cluster`, so later batches refine it instead of replacing it.
+    """
+    lloyd = faiss.Kmeans(
+        sample.shape[1], k, niter=10, seed=cfg.seed, spherical=True,
+        min_points_per_centroid=1, max_points_per_centroid=len(sample),
+    )  # fmt: skip
+    # k-means++ on a 3k subsample: spread-out seeds at a fraction of k-means++'s cost on all of it.
+    sub = sample[np.random.default_rng(cfg.seed).permutation(len(sample))[: 3 * k]]
+    seeds = kmeans_plusplus(sub.astype(np.float64), k, random_state=cfg.seed)[0]
+    lloyd.train(sample, init_centroids=seeds.astype(np.float32))
+    km = MiniBatchKMeans(
+        n_clusters=k, init=lloyd.centroids, n_init=1, batch_size=cfg.batch_size, compute_labels=False,
+        # Reassigning starved centroids moves them onto single vectors: the collapse above.
+        reassignment_ratio=0.0, random_state=cfg.seed,
+    )  # fmt: skip
+    return km.partial_fit(sample)
 
 
 def _member_stats(
@@ -286,22 +310,13 @@ def fit_clusters(batches: Callable[[], Iterable[np.ndarray]], n: int, cfg: Clust
     """
     k = derive_k(n, cfg)
     rng = np.random.default_rng(cfg.seed)
-    sample = _reservoir(batches(), min(n, max(3 * k, cfg.batch_size)), rng)
+    sample = _reservoir(batches(), min(n, max(cfg.init_per_cluster * k, cfg.batch_size)), rng)
     if not len(sample):
         raise ValueError("fit_clusters: the batches yielded no vectors")
     k = min(k, len(sample))
-    init = _kmeans_pp(sample, k, cfg.seed)
+    km = _warm_kmeans(sample, k, cfg)
     del sample
-    km = MiniBatchKMeans(
-        n_clusters=k,
-        init=init,
-        n_init=1,
-        batch_size=cfg.batch_size,
-        compute_labels=False,
-        random_state=cfg.seed,
-    )
-    passes = max(cfg.passes, math.ceil(cfg.min_steps / math.ceil(max(n, 1) / cfg.batch_size)))
-    for _ in range(passes):
+    for _ in range(cfg.passes):
         for chunk in _chunks(batches(), cfg.batch_size):
             # Shuffle within the step: stream order is often by folder/date.
             km.partial_fit(chunk[rng.permutation(len(chunk))])
@@ -322,11 +337,9 @@ def fit_clusters(batches: Callable[[], Iterable[np.ndarray]], n: int, cfg: Clust
 def _seed_pool(pool: np.ndarray, cfg: ClusterConfig) -> tuple[np.ndarray, np.ndarray]:
     """Seed centroids (normalised) and their sizes: the pool clustered as a full fit of it would be."""
     k = derive_k(len(pool), cfg)
-    init = _kmeans_pp(pool, k, cfg.seed)
-    km = MiniBatchKMeans(n_clusters=k, init=init, n_init=1, batch_size=cfg.batch_size, random_state=cfg.seed)
-    km.fit(pool)
-    used = np.bincount(km.labels_, minlength=k)
-    return _normalise(km.cluster_centers_[used > 0]), used[used > 0]
+    seeds = _normalise(_warm_kmeans(pool, k, cfg).cluster_centers_)
+    used = np.bincount(assign(seeds, pool)[0], minlength=k)
+    return seeds[used > 0], used[used > 0]
 
 
 def assign_incremental(

@@ -12,6 +12,7 @@ significant), as in the catalog's BIGINT columns. Embeddings are float32, L2-nor
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import shutil
 import tempfile
@@ -104,8 +105,23 @@ class HashIndex:
     and verifying the candidates' full distance misses nothing. The 64th bit, left out of the
     slices, only loosens the bound. Small catalogs and large radii use the same codes scanned flat.
 
-    Measured with bench/neardup_scale.py --compare-hash (realistic pHashes, see there):
-    MEASUREMENTS_PLACEHOLDER
+    Chosen by measurement: `python bench/neardup_scale.py --compare-hash --sizes 1000000`, 1M
+    realistic pHashes (crops of real photos, see the bench), 10k queries (25% near-duplicates)
+    plus 52.5k flipped/rotated ones, 2 shared cores, faiss 1.15.1; seconds per query set:
+
+        index                      phash r=8   phash r=10   orient r=6   memory
+        IndexBinaryFlat                  4.4          6.4         24.9    8 B/hash
+        MultiHash 4 tables x 16 bits    19.0         31.9         14.3    +54 MB
+        MultiHash 3 x 21 (chosen)        1.45         9.0          7.2    +139 MB
+        MultiHash 2 x 32                   -            -         46.5
+        IndexBinaryIVF 4096 lists     not exact: radius-10 recall 0.63 / 0.84 / 0.97 at nprobe
+                                      16 / 64 / 256 (and 85 s to train)
+
+    16-bit slices hold ~15 hashes per key at 1M and drown in candidates, 32-bit ones need
+    C(32, <=r/2) probes; 3 x 21 is the balance. A probe costs about as much as 300 popcounts
+    of the flat scan, so radii with nflip = 3 (r = 9..11) scan flat below ~1.4M hashes (4.4 s
+    vs 9 s at 1M for r=10); at nflip <= 2 (r <= 8) the tables win from ~200k hashes.
+    Results are identical to IndexBinaryFlat's in every case (checked by the bench and tests).
     """
 
     NHASH = 3
@@ -136,9 +152,9 @@ class HashIndex:
 
     def _use_flat(self, nflip: int) -> bool:
         # Probing costs NHASH * sum(C(21, j), j <= nflip) hash-table lookups per query, each
-        # about as dear as 20 popcounts of a flat scan: past that, scanning everything is faster.
+        # about as dear as 300 popcounts of a flat scan (measured, see above).
         probes = self.NHASH * sum(comb(self.BITS, j) for j in range(nflip + 1))
-        return 20 * probes >= len(self)
+        return 300 * probes >= len(self)
 
     def search_radius(self, query: np.ndarray, radius: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Every indexed hash within Hamming distance `radius` (inclusive) of each query hash.
@@ -188,7 +204,8 @@ def _default_nlist(n: int) -> int:
 
 class _RowStore:
     """Fixed-size byte rows in a file: appended as they come (the caller's saved row count is
-    the commit point), read back with pread so they cost page cache, not process memory."""
+    the commit point), read back through a memory map whose pages are released after each read,
+    so they cost page cache, not process memory."""
 
     def __init__(self, row_bytes: int, path: Path | None = None, nrows: int = 0) -> None:
         self.row_bytes = row_bytes
@@ -196,9 +213,12 @@ class _RowStore:
         if path is None:
             self._file = tempfile.TemporaryFile()  # noqa: SIM115 (open as long as the store)
         else:
+            if nrows and (not path.exists() or path.stat().st_size < nrows * row_bytes):
+                raise ValueError(f"{path} holds fewer than the {nrows} rows its index expects")
             self._file = open(path, "r+b" if path.exists() else "w+b")  # noqa: SIM115
         self._file.truncate(nrows * row_bytes)  # drops rows a crashed run appended but never committed
         self.nrows = nrows
+        self._map: mmap.mmap | None = None
 
     def append(self, rows: np.ndarray) -> None:
         self._file.seek(self.nrows * self.row_bytes)
@@ -206,26 +226,46 @@ class _RowStore:
         self.nrows += len(rows)
 
     def read(self, rows: np.ndarray) -> np.ndarray:
-        self._file.flush()
-        fd, size = self._file.fileno(), self.row_bytes
-        out = np.empty((len(rows), size), np.uint8)
-        for j, r in enumerate(rows.tolist()):
-            out[j] = np.frombuffer(os.pread(fd, size, r * size), np.uint8)
+        if len(rows) == 0:
+            return np.empty((0, self.row_bytes), np.uint8)
+        size = self.nrows * self.row_bytes
+        if self._map is None or len(self._map) < size:  # rows were appended: map them too
+            self._file.flush()
+            self._unmap()
+            self._map = mmap.mmap(self._file.fileno(), size, access=mmap.ACCESS_READ)
+            self._map.madvise(mmap.MADV_RANDOM)  # rows are scattered: no read-ahead
+        table = np.frombuffer(self._map, np.uint8, count=size).reshape(self.nrows, self.row_bytes)
+        out = np.empty((len(rows), self.row_bytes), np.uint8)
+        # Each page fault maps up to 64 KB around it (fault-around, even with MADV_RANDOM): read
+        # 1024 rows at a time, then unmap them (MADV_DONTNEED keeps them in the page cache, out
+        # of our RSS), so reading costs tens of MB, not the file's size.
+        for r0 in range(0, len(rows), 1024):
+            out[r0 : r0 + 1024] = table[rows[r0 : r0 + 1024]]
+            self._map.madvise(mmap.MADV_DONTNEED)
+        del table  # the map cannot close while a view of it lives
         return out
 
+    def _unmap(self) -> None:
+        if self._map is not None:
+            self._map.close()
+            self._map = None
+
     def close(self) -> None:
+        self._unmap()
         self._file.close()
 
     def save(self, path: Path) -> None:
         """Make every row durable at `path`, copying them there first if they live elsewhere."""
         self._file.flush()
         if self.path is None or not (path.exists() and path.samefile(self.path)):
-            with open(path, "wb") as dst:
+            tmp = path.with_name(path.name + ".tmp")
+            with open(tmp, "wb") as dst:
                 self._file.seek(0)
                 shutil.copyfileobj(self._file, dst, 1 << 24)
                 dst.flush()
                 os.fsync(dst.fileno())
-            self._file.close()
+            os.replace(tmp, path)
+            self.close()
             self._file = open(path, "r+b")  # noqa: SIM115
             self.path = path
         else:
@@ -249,6 +289,11 @@ class VectorIndex:
     The projection, the lists and the 8-bit ranges are learnt from the vectors of the first
     `add` (or `train`): index a representative sample first, and rebuild when the catalog has
     outgrown it (`needs_rebuild`).
+
+    Persistence: a directory with INDEX_FILE and ROWS_FILE. An index created or loaded with a
+    directory appends new rows to that directory's ROWS_FILE right away; `save` to the same
+    directory then only writes INDEX_FILE, the commit point: a run that dies before it leaves
+    rows that the next `load` drops. One writer at a time.
     """
 
     INDEX_FILE = "vector_index.npz"
@@ -271,7 +316,8 @@ class VectorIndex:
             Path(path).mkdir(parents=True, exist_ok=True)
         self._rows = _RowStore(dim, Path(path) / self.ROWS_FILE if path is not None else None)
         self._row_ids = np.empty(0, np.int64)  # row -> image_id (faiss stores rows as labels)
-        self._sorted_ids = np.empty(0, np.int64)
+        self._sorted_ids = np.empty(0, np.int64)  # image_ids ascending ...
+        self._sorted_rows = np.empty(0, np.int64)  # ... and their rows
 
     def __len__(self) -> int:
         return len(self._row_ids)
@@ -318,7 +364,7 @@ class VectorIndex:
         ivf.train(reduced)
         sq8 = faiss.IndexScalarQuantizer(self.dim, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)
         sq8.train(sample)
-        self._ivf, self._sq8, self.trained_on = ivf, sq8, n
+        self._ivf, self._sq8, self.trained_on, self.nlist = ivf, sq8, n, nlist
 
     def add(self, ids: np.ndarray, vecs: np.ndarray) -> int:
         """Index the vectors of images not indexed yet (others are skipped); returns how many.
@@ -338,8 +384,41 @@ class VectorIndex:
             self._ivf.add_with_ids(self._reduce(vecs), rows)
             self._rows.append(self._sq8.sa_encode(vecs))
             self._row_ids = np.concatenate([self._row_ids, ids[keep]])
-            self._sorted_ids = np.sort(self._row_ids)
+            self._index_ids()
         return int(keep.sum())
+
+    def _code_params(self) -> tuple[np.ndarray, np.ndarray]:
+        """(offset, step) with decoded vector = offset + code * step (faiss QT_8bit, min-max)."""
+        trained = faiss.vector_to_array(self._sq8.sq.trained)
+        vmin, vdiff = trained[: self.dim], trained[self.dim :]
+        return vmin + 0.5 * vdiff / 255, vdiff / 255
+
+    def _decode(self, codes: np.ndarray) -> np.ndarray:
+        offset, step = self._code_params()
+        return offset + codes.astype(np.float32) * step
+
+    def _index_ids(self) -> None:
+        self._sorted_rows = np.argsort(self._row_ids, kind="stable")
+        self._sorted_ids = self._row_ids[self._sorted_rows]
+
+    def pair_cosine(self, ids_a: np.ndarray, ids_b: np.ndarray) -> np.ndarray:
+        """Cosine of the indexed vectors of ids_a[i] and ids_b[i] (8-bit codes); NaN where
+        either image is not indexed."""
+        ids = np.concatenate([np.asarray(ids_a, np.int64), np.asarray(ids_b, np.int64)])
+        out = np.full(len(ids) // 2, np.nan, np.float32)
+        if not len(ids) or not len(self):
+            return out
+        pos = np.minimum(np.searchsorted(self._sorted_ids, ids), len(self) - 1)
+        known = self._sorted_ids[pos] == ids
+        rows = self._sorted_rows[pos]
+        half = len(ids) // 2
+        both = np.flatnonzero(known[:half] & known[half:])
+        for c0 in range(0, len(both), 4096):  # decode a few thousand pairs at a time
+            j = both[c0 : c0 + 4096]
+            a = self._decode(self._rows.read(rows[j]))
+            b = self._decode(self._rows.read(rows[j + half]))
+            out[j] = np.einsum("ij,ij->i", a, b)
+        return out
 
     def search(self, vecs: np.ndarray, k: int, min_cosine: float,
                block: int = 2048) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -363,9 +442,15 @@ class VectorIndex:
         approx, cand = self._ivf.search(self._reduce(q), 4 * k)
         qi, ci = np.nonzero((cand >= 0) & (approx >= min_cosine - self.margin))
         rows = cand[qi, ci]
-        uniq, inv = np.unique(rows, return_inverse=True)
-        full = self._sq8.sa_decode(self._rows.read(uniq))
-        cos = np.minimum(np.einsum("ij,ij->i", q[qi], full[inv]), 1.0)  # 8-bit codes can overshoot 1
+        # q . decode(code) = q . offset + (q * step) . code: score the codes without decoding
+        code_offset, code_step = self._code_params()
+        q_off, q_step = q @ code_offset, q * code_step
+        cos = np.empty(len(rows), np.float32)
+        for c0 in range(0, len(rows), 4096):  # a few thousand candidates' codes at a time
+            part = slice(c0, c0 + 4096)
+            codes = self._rows.read(rows[part]).astype(np.float32)
+            cos[part] = q_off[qi[part]] + np.einsum("ij,ij->i", q_step[qi[part]], codes)
+        cos = np.minimum(cos, 1.0)  # 8-bit codes can overshoot 1
         ok = cos >= min_cosine
         qi, rows, cos = qi[ok], rows[ok], cos[ok]
         # best k per query: sort by (query, -cosine) and keep each query's first k
@@ -404,7 +489,7 @@ class VectorIndex:
             self._proj = z["proj"] if z["proj"].size else None
             self._row_ids = z["row_ids"]
         self.nlist = self._ivf.nlist
-        self._sorted_ids = np.sort(self._row_ids)
+        self._index_ids()
         self._rows.close()
         self._rows = _RowStore(self.dim, path / cls.ROWS_FILE, meta["nrows"])
         return self
@@ -415,21 +500,30 @@ class VectorIndex:
 
 @dataclass(frozen=True)
 class NearDupConfig:
-    """Thresholds of find_pairs; the defaults are calibrated in bench/neardup_scale.py.
+    """Thresholds of find_pairs. Defaults from `bench/neardup_scale.py --calibrate` (real photos
+    and their variants through the production hash and embedding code) and its chance-match
+    rates; see the module's figures in the integration notes.
 
     phash_radius: max pHash Hamming distance of a "phash" pair (inclusive).
     orient_radius: the same for a flipped/rotated copy ("phash_orient"); -1 disables it.
     min_cosine: min embedding cosine of an "embedding" pair.
     k: max embedding neighbours per new image.
-    max_hash_matches: max pHash matches kept per new image (and per method), closest first:
-        caps the quadratic blow-up of thousands of blank or near-uniform images, all alike,
-        while still connecting them into one group.
+    verify_radius, verify_cosine: a pHash pair farther apart than verify_radius is kept only if
+        the two embeddings have cosine >= verify_cosine (when both are indexed). Unrelated
+        photos collide on 64-bit pHashes often enough at catalog scale (about 0.16 per new
+        image within 8 bits at 1M, 0.8 at 5M) to chain groups together; their embeddings are
+        unrelated (cosine p99.9 0.46), while true copies sit at 0.77 and above.
+    max_hash_matches: max pHash matches kept per new image and method, closest first: caps the
+        quadratic blow-up of thousands of blank or near-uniform images, all alike, while still
+        connecting them into one group.
     """
 
     phash_radius: int = 8
-    orient_radius: int = 6
+    orient_radius: int = 5
     min_cosine: float = 0.90
     k: int = 10
+    verify_radius: int = 2
+    verify_cosine: float = 0.5
     max_hash_matches: int = 50
 
 
@@ -453,6 +547,17 @@ def _pairs(query_ids: np.ndarray, matched: np.ndarray, distance: np.ndarray, met
     return out.groupby(["image_id", "other_id", "method"], as_index=False, sort=False)["distance"].min()
 
 
+def _verified(pairs: pd.DataFrame, vector_index: VectorIndex | None, cfg: NearDupConfig) -> pd.DataFrame:
+    """Drop hash pairs beyond cfg.verify_radius whose embeddings disagree (see NearDupConfig)."""
+    far = (pairs.distance > cfg.verify_radius).to_numpy()
+    if vector_index is None or not far.any():
+        return pairs
+    cos = vector_index.pair_cosine(pairs.image_id.to_numpy()[far], pairs.other_id.to_numpy()[far])
+    drop = np.zeros(len(pairs), dtype=bool)
+    drop[far] = cos < cfg.verify_cosine  # NaN (not embedded) compares False: kept unverified
+    return pairs[~drop]
+
+
 def find_pairs(new_ids: np.ndarray, new_phash: np.ndarray | None, new_dihedral: np.ndarray | None,
                new_vecs: np.ndarray | None, hash_index: HashIndex | None, vector_index: VectorIndex | None,
                cfg: NearDupConfig | None = None) -> pd.DataFrame:
@@ -462,34 +567,38 @@ def find_pairs(new_ids: np.ndarray, new_phash: np.ndarray | None, new_dihedral: 
     batch is not doubled); save the indexes once the pairs are stored. Then one index search per
     method finds matches in the catalog and the batch alike:
     - "phash": pHash within cfg.phash_radius; distance = Hamming distance;
-    - "phash_orient": one of the 7 flipped/rotated pHashes (new_dihedral, (n, 7) in
-      DIHEDRAL order) within cfg.orient_radius of a pHash, for pairs not already "phash";
+    - "phash_orient": one of the 7 flipped/rotated pHashes (new_dihedral, (n, 7) in DIHEDRAL
+      order) within cfg.orient_radius of a pHash, for pairs not already "phash"; distance =
+      that Hamming distance;
     - "embedding": among the cfg.k nearest, cosine >= cfg.min_cosine; distance = 1 - cosine.
+    pHash pairs beyond cfg.verify_radius must also pass the embedding check of NearDupConfig.
     Pass None for a part that is missing (no embeddings yet, no dihedral hashes) to skip it.
 
     Returns a DataFrame [image_id, other_id, method, distance], image_id < other_id, one row per
-    pair and method.
+    pair and method, sorted.
     """
     cfg = cfg or NearDupConfig()
     new_ids = np.asarray(new_ids, dtype=np.int64).reshape(-1)
+    use_vecs = vector_index is not None and new_vecs is not None
+    if use_vecs:
+        vector_index.add(new_ids, new_vecs)
     frames = [_empty_pairs()]
     if hash_index is not None and new_phash is not None:
         new_phash = np.asarray(new_phash, dtype=np.int64).reshape(-1)
         hash_index.add(new_ids, new_phash)
         q, matched, dist = hash_index.search_radius(new_phash, cfg.phash_radius)
         phash = _pairs(new_ids[q], matched, dist, "phash", cfg.max_hash_matches)
-        frames.append(phash)
         if new_dihedral is not None and cfg.orient_radius >= 0:
             dihedral = np.asarray(new_dihedral, dtype=np.int64).reshape(len(new_ids), len(DIHEDRAL))
             q, matched, dist = hash_index.search_radius(dihedral.reshape(-1), cfg.orient_radius)
             orient = _pairs(new_ids[q // len(DIHEDRAL)], matched, dist, "phash_orient", cfg.max_hash_matches)
             known = orient.merge(phash[["image_id", "other_id"]], how="left", indicator=True)["_merge"]
-            frames.append(orient[(known == "left_only").to_numpy()])
-    if vector_index is not None and new_vecs is not None:
-        vector_index.add(new_ids, new_vecs)
+            frames.append(_verified(orient[(known == "left_only").to_numpy()], vector_index, cfg))
+        frames.append(_verified(phash, vector_index, cfg))
+    if use_vecs:
         q, matched, cos = vector_index.search(new_vecs, cfg.k + 1, cfg.min_cosine)  # +1: itself
         frames.append(_pairs(new_ids[q], matched, np.maximum(1.0 - cos, 0.0), "embedding"))
-    out = pd.concat(frames, ignore_index=True)
+    out = pd.concat(frames, ignore_index=True)[PAIR_COLUMNS]
     return out.sort_values(["image_id", "other_id", "method"], ignore_index=True)
 
 

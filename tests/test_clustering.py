@@ -1,0 +1,208 @@
+"""Clustering core: streamed fit + merge, nearest-centroid assignment, incremental runs, mapping."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import pytest
+from sklearn.metrics import adjusted_rand_score
+
+from lookalike.clustering import (
+    ClusterConfig,
+    assign,
+    assign_incremental,
+    cluster_mapping,
+    derive_k,
+    fit_clusters,
+    merge_centroids,
+    should_refit,
+)
+
+DIM = 32
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def blobs(centres: np.ndarray, n_each: int, spread: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """n_each unit vectors around each centre (member-to-centre cosine ~ 1/sqrt(1 + spread^2))."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(len(centres)), n_each)
+    noise = rng.standard_normal((len(labels), centres.shape[1])) * spread / np.sqrt(centres.shape[1])
+    return unit(centres[labels] + noise), labels
+
+
+@pytest.fixture(scope="module")
+def centres() -> np.ndarray:
+    # Nearly orthogonal random directions: well separated.
+    return unit(np.random.default_rng(0).standard_normal((6, DIM)))
+
+
+def stream(x: np.ndarray, size: int = 97) -> Callable[[], Iterator[np.ndarray]]:
+    return lambda: (x[i : i + size] for i in range(0, len(x), size))
+
+
+def test_derive_k() -> None:
+    cfg = ClusterConfig(k_per_sqrt_n=1.0, k_max=500)
+    assert derive_k(10_000, cfg) == 100
+    assert derive_k(10**8, cfg) == 500
+    assert derive_k(3, ClusterConfig(k=10)) == 3  # never more clusters than vectors
+
+
+def test_should_refit() -> None:
+    cfg = ClusterConfig(refit_growth=2.0)
+    assert not should_refit(1000, 1999, cfg)
+    assert should_refit(1000, 2000, cfg)
+    assert should_refit(0, 1, cfg)
+
+
+def test_fit_recovers_separated_clusters_by_merging_overclustered_pieces(centres: np.ndarray) -> None:
+    # Arrives ordered by blob, as archives arrive by folder: the uniform sample must cope.
+    x, truth = blobs(centres, 300, 0.4, seed=1)
+    cfg = ClusterConfig(k_per_sqrt_n=1.0, merge_cosine=0.8, batch_size=256, seed=3)
+    fit = fit_clusters(stream(x), len(x), cfg)
+    assert fit.k_fit == derive_k(len(x), cfg) == 42  # over-clustered: 42 pieces of 6 blobs
+    assert len(fit.centroids) == 6  # ... merged back into the blobs
+    np.testing.assert_allclose(np.linalg.norm(fit.centroids, axis=1), 1, atol=1e-5)
+    labels, cos = assign(fit.centroids, x)
+    assert adjusted_rand_score(truth, labels) == 1.0
+    assert fit.sizes.dtype == np.int64 and fit.sizes.sum() == len(x)
+    np.testing.assert_array_equal(np.bincount(labels, minlength=6), fit.sizes)  # sizes agree with assign
+    assert cos.min() > 0.8
+
+
+def test_fit_without_merge_keeps_k_and_drops_empty(centres: np.ndarray) -> None:
+    x, _ = blobs(centres[:2], 50, 0.3, seed=4)
+    fit = fit_clusters(stream(x), len(x), ClusterConfig(k=8, merge_cosine=1.01))
+    assert fit.k_fit == 8 and 2 <= len(fit.sizes) <= 8
+    assert (fit.sizes > 0).all() and fit.sizes.sum() == len(x)
+
+
+def test_fit_streams_batches_and_never_needs_the_full_array(centres: np.ndarray) -> None:
+    calls = []
+
+    def batches() -> Iterator[np.ndarray]:
+        # Regenerated on every call, like reading Parquet row groups: no full array exists.
+        calls.append(1)
+        for i in range(12):
+            yield blobs(centres, 20 + i, 0.4, seed=100 + i)[0]
+
+    n = sum(6 * (20 + i) for i in range(12))
+    cfg = ClusterConfig(merge_cosine=0.8, batch_size=128, passes=2)
+    fit = fit_clusters(batches, n, cfg)
+    assert len(calls) == cfg.passes + 3  # sample, 2 partial_fit passes, Lloyd pass, counting pass
+    assert fit.sizes.sum() == n
+    assert len(fit.centroids) == 6
+
+
+def test_merge_joins_near_identical_centroids() -> None:
+    rng = np.random.default_rng(5)
+    a, b = unit(rng.standard_normal((2, DIM)))
+    a2 = unit(a + 0.01 * rng.standard_normal(DIM))
+    vecs = np.stack([a, b, a2])
+    merged, weights, group = merge_centroids(vecs, np.array([3.0, 5.0, 1.0]), merge_cosine=0.95)
+    assert len(merged) == 2
+    assert group[0] == group[2] != group[1]
+    np.testing.assert_allclose(weights[group[0]], 4.0)
+    np.testing.assert_allclose(merged[group[0]], unit(3 * a + a2), atol=1e-6)  # size-weighted mean
+    np.testing.assert_allclose(merged[group[1]], b, atol=1e-6)
+
+
+def test_merge_does_not_chain() -> None:
+    # a-b and b-c are 0.90 apart, a-c only 0.62: b merges with one of them, never all three.
+    ang = np.deg2rad([0.0, 25.8, 51.6])
+    vecs = np.stack([np.cos(ang), np.sin(ang)], axis=1)
+    merged, _, group = merge_centroids(vecs, np.ones(3), merge_cosine=0.85)
+    assert len(merged) == 2 and group[0] != group[2]
+
+
+def test_merge_keeps_fixed_clusters_apart_and_their_indices() -> None:
+    rng = np.random.default_rng(6)
+    a, b = unit(rng.standard_normal((2, DIM)))
+    a_twin = unit(a + 0.01 * rng.standard_normal(DIM))
+    vecs = np.stack([a, a_twin, b, unit(a + 0.02 * rng.standard_normal(DIM)), unit(rng.standard_normal(DIM))])
+    # Rows 0-2 exist already: 0 and 1 are near-identical but must both survive.
+    merged, _, group = merge_centroids(vecs, np.ones(5), merge_cosine=0.95, n_fixed=3)
+    assert list(group[:3]) == [0, 1, 2]
+    assert group[3] in (0, 1)  # the new near-copy of a is absorbed by an existing cluster
+    assert group[4] == 3  # the distinct new one is appended
+    assert len(merged) == 4
+
+
+def test_assign_nearest_and_empty(centres: np.ndarray) -> None:
+    x, truth = blobs(centres, 10, 0.2, seed=7)
+    labels, cos = assign(centres, x, batch_size=7)
+    np.testing.assert_array_equal(labels, truth)
+    np.testing.assert_allclose(cos, np.sum(x * centres[labels], axis=1), atol=1e-5)
+    labels, cos = assign(np.empty((0, DIM), np.float32), x)
+    assert (labels == -1).all() and np.isneginf(cos).all()
+
+
+def test_assign_incremental_joins_pools_then_seeds(centres: np.ndarray) -> None:
+    existing, new_blob = centres[:3], centres[5]
+    sizes = np.array([100, 50, 10], dtype=np.int64)
+    cfg = ClusterConfig(join_cosine=0.7, merge_cosine=0.9, pool_min=30)
+    near0, _ = blobs(existing[:1], 20, 0.3, seed=8)
+    novel, _ = blobs(new_blob[None], 20, 0.3, seed=9)
+    none = np.empty((0, DIM), np.float32)
+
+    # Run 1: 20 join cluster 0, 20 novel ones are pooled (20 < pool_min).
+    r1 = assign_incremental(existing, sizes, np.concatenate([near0, novel]), none, cfg)
+    assert (r1.labels[:20] == 0).all() and (r1.labels[20:] == -1).all()
+    assert r1.pooled[20:].all() and not r1.pooled[:20].any()
+    assert len(r1.new) == 0 and list(r1.changed) == [0]
+    np.testing.assert_array_equal(r1.sizes, [120, 50, 10])  # pooled rows are not counted
+    np.testing.assert_array_equal(r1.centroids[1:], unit(existing[1:]))  # untouched clusters unchanged
+    np.testing.assert_allclose(r1.centroids[0], unit(100 * existing[0] + near0.sum(0)), atol=1e-5)
+    # Provisional rows point to their nearest cluster, with its cosine as sim_score.
+    nearest, cos = assign(r1.centroids, novel)
+    np.testing.assert_array_equal(r1.cluster[20:], nearest)
+    np.testing.assert_allclose(r1.sim[20:], cos, atol=1e-5)
+    assert (r1.sim[20:] < cfg.join_cosine).all()
+
+    # Run 2: 15 more novel images; with the pool (20) that makes 35 >= pool_min: a new cluster.
+    more, _ = blobs(new_blob[None], 15, 0.3, seed=10)
+    r2 = assign_incremental(r1.centroids, r1.sizes, more, novel[r1.pooled[20:]], cfg)
+    assert not r2.pooled.any() and (r2.labels >= 0).all()  # everyone has a final cluster
+    assert list(r2.new) == [3] and len(r2.changed) == 0
+    assert (r2.labels == 3).all()
+    np.testing.assert_array_equal(r2.sizes, [120, 50, 10, 35])
+    assert np.dot(r2.centroids[3], new_blob) > 0.95
+    rows = np.concatenate([more, novel])
+    np.testing.assert_allclose(r2.sim, rows @ r2.centroids[3], atol=1e-5)
+
+
+def test_assign_incremental_seeds_close_to_existing_are_absorbed(centres: np.ndarray) -> None:
+    # join_cosine so strict that everything pools; the seed lands on cluster 1 and merges into it.
+    cfg = ClusterConfig(join_cosine=0.999, merge_cosine=0.9, pool_min=10)
+    near1, _ = blobs(centres[1:2], 40, 0.2, seed=11)
+    r = assign_incremental(centres[:3], np.array([5, 5, 5]), near1, np.empty((0, DIM)), cfg)
+    assert len(r.new) == 0 and list(r.changed) == [1]
+    assert (r.labels == 1).all()
+    np.testing.assert_array_equal(r.sizes, [5, 45, 5])
+
+
+def test_assign_incremental_from_nothing_and_stable_indices(centres: np.ndarray) -> None:
+    cfg = ClusterConfig(join_cosine=0.7, merge_cosine=0.9, pool_min=10)
+    x, truth = blobs(centres[:2], 30, 0.3, seed=12)
+    r = assign_incremental(np.empty((0, DIM)), np.empty(0, np.int64), x, np.empty((0, DIM)), cfg)
+    assert not r.pooled.any() and len(r.centroids) == len(r.new) >= 2
+    assert adjusted_rand_score(truth, r.labels) == 1.0
+    # Too few to seed: rows stay pooled with no cluster to point to.
+    r0 = assign_incremental(np.empty((0, DIM)), np.empty(0, np.int64), x[:3], np.empty((0, DIM)), cfg)
+    assert r0.pooled.all() and (r0.cluster == -1).all() and len(r0.centroids) == 0
+
+
+def test_cluster_mapping_counts() -> None:
+    old = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2])
+    new = np.array([5, 5, 6, 6, 6, 7, 7, 7, 5])
+    m = cluster_mapping(old, new)
+    assert list(m.columns) == ["old_cluster", "new_cluster", "overlap"]
+    got = {(int(o), int(n)): int(c) for o, n, c in m.itertuples(index=False)}
+    assert got == {(0, 5): 2, (0, 6): 1, (1, 6): 2, (2, 7): 3, (2, 5): 1}
+    assert m["overlap"].sum() == len(old)
+    assert list(m["old_cluster"]) == [0, 0, 1, 2, 2] and list(m["overlap"]) == [2, 1, 2, 3, 1]
+    with pytest.raises(ValueError):
+        cluster_mapping(old, new[:-1])
