@@ -78,11 +78,13 @@ def test_radius_search_is_exact(real_hashes: np.ndarray, tables: bool,
     masks = (flips.astype(np.uint64) << np.arange(63, dtype=np.uint64)).sum(1, dtype=np.uint64)
     catalog = (base.view(np.uint64) ^ masks).view(np.int64)
     ids = np.arange(1000, 1000 + len(catalog), dtype=np.int64)
-    index = nd.HashIndex(ids, catalog)
-    monkeypatch.setattr(nd.HashIndex, "_use_flat", lambda self, nflip: not tables)
+    index = nd.HashIndex(ids[:12_000], catalog[:12_000])
+    index.add(ids[12_000:], catalog[12_000:])  # a second add inserts into the sorted tables
+    if not tables:
+        monkeypatch.setattr(nd.HashIndex, "FLAT_FROM_NFLIP", 0)
     queries = real_hashes[:60]
     full = hamming(queries[:, None], catalog[None, :])
-    for radius in (0, 3, 5, 6, 8, 10):
+    for radius in (0, 3, 5, 6, 8, 10, 12):
         rows, matched, dist = index.search_radius(queries, radius)
         want = {(q, int(ids[j])) for q, j in zip(*np.nonzero(full <= radius), strict=True)}
         assert set(zip(rows.tolist(), matched.tolist(), strict=True)) == want
@@ -234,3 +236,22 @@ def test_vector_index_recall_and_roundtrip(tmp_path: Path) -> None:
     assert len(loaded) == n + 1
     assert len(nd.VectorIndex.load(tmp_path / "vi")) == n
     assert np.isnan(loaded.pair_cosine(np.array([1, 2]), np.array([7, 7]))[1])
+
+
+def test_vector_index_grows_from_a_small_start() -> None:
+    """Trained on a first batch of 10, the index retrains as it grows: still exact enough."""
+    rng = np.random.default_rng(2)
+    dim, n = 64, 6_000
+    vecs = rng.standard_normal((n, dim)).astype(np.float32) * (np.arange(dim) + 1.0) ** -0.5
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    index = nd.VectorIndex(dim, keep_dims=32)
+    index.add(np.arange(10), vecs[:10])
+    for start in range(10, n, 500):
+        index.add(np.arange(start, min(start + 500, n)), vecs[start : start + 500])
+    assert len(index) == n and index.trained_on >= n // 4
+    queries = vecs[::60] + 0.02 * rng.standard_normal((100, dim)).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    rows, matched, cos = index.search(queries, 1, 0.9)
+    np.testing.assert_array_equal(rows, np.arange(100))
+    np.testing.assert_array_equal(matched, np.arange(0, n, 60))
+    np.testing.assert_allclose(cos, (queries * vecs[::60]).sum(1), atol=0.01)

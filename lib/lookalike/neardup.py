@@ -12,12 +12,11 @@ significant), as in the catalog's BIGINT columns. Embeddings are float32, L2-nor
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass
-from math import comb
+from itertools import combinations
 from pathlib import Path
 
 import faiss
@@ -74,6 +73,12 @@ def dihedral_phashes(img: Image.Image) -> list[int]:
     return [_phash64(gray.transpose(t)) for t in DIHEDRAL]
 
 
+def _merge_sorted(existing_sorted: np.ndarray, new: np.ndarray) -> np.ndarray:
+    """`existing_sorted` with `new` merged in, still sorted: O(n) instead of a re-sort."""
+    new = np.sort(new)
+    return np.insert(existing_sorted, np.searchsorted(existing_sorted, new), new)
+
+
 def _first_new(existing_sorted: np.ndarray, ids: np.ndarray) -> np.ndarray:
     """Mask of the ids not in `existing_sorted`, keeping only the first of repeated ones."""
     mask = np.zeros(len(ids), dtype=bool)
@@ -97,45 +102,54 @@ def _atomic_write(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> Non
 
 
 class HashIndex:
-    """Exact Hamming-radius search over 64-bit hashes.
+    """Exact Hamming-radius search over 64-bit hashes: multi-index hashing in numpy.
 
-    FAISS IndexBinaryMultiHash with 3 tables of 21 bits (multi-index hashing): a hash within
-    radius r of the query agrees with it to within r // 3 bits on at least one of the 3 disjoint
-    21-bit slices (pigeonhole), so probing every key within nflip = r // 3 flips of each slice
-    and verifying the candidates' full distance misses nothing. The 64th bit, left out of the
-    slices, only loosens the bound. Small catalogs and large radii use the same codes scanned flat.
+    Each hash is cut into 3 slices of 21 bits (bits 0-20, 21-41, 42-62; bit 63, pHash's
+    all-but-constant DC term, is left out). A hash within radius r of the query agrees with it
+    to within nflip = r // 3 bits on at least one slice (pigeonhole), so probing, in each of 3
+    tables sorted by slice value, every key within nflip flips of the query's slice and checking
+    the full distance of what is there misses nothing. Radii past 11 (nflip >= 4, thousands of
+    probes) scan all hashes with FAISS IndexBinaryFlat instead.
 
     Chosen by measurement: `python bench/neardup_scale.py --compare-hash --sizes 1000000`, 1M
     realistic pHashes (crops of real photos, see the bench), 10k queries (25% near-duplicates)
-    plus 52.5k flipped/rotated ones, 2 shared cores, faiss 1.15.1; seconds per query set:
+    and 52.5k flipped/rotated ones, 2 shared (busy) cores, faiss 1.15.1; seconds per query set:
 
-        index                      phash r=8   phash r=10   orient r=6   memory
-        IndexBinaryFlat                  4.4          6.4         24.9    8 B/hash
-        MultiHash 4 tables x 16 bits    19.0         31.9         14.3    +54 MB
-        MultiHash 3 x 21 (chosen)        1.45         9.0          7.2    +139 MB
-        MultiHash 2 x 32                   -            -         46.5
-        IndexBinaryIVF 4096 lists     not exact: radius-10 recall 0.63 / 0.84 / 0.97 at nprobe
-                                      16 / 64 / 256 (and 85 s to train)
+        index                          phash r=8  r=10   orient r=5  r=8    memory
+        faiss IndexBinaryFlat            2.4      1.6      8.6       8.6    8 B/hash
+        faiss IndexBinaryMultiHash 3x21  0.85     5.5      0.38      4.1    +196 MB at 1M
+        faiss IndexBinaryMultiHash 4x16 15.8     16.3     12.0     127
+        faiss IndexBinaryMultiHash 2x32   -        -       3.4        -
+        faiss IndexBinaryIVF 4096       not exact: r=10 recall 0.63 / 0.84 / 0.97 at nprobe
+                                        16 / 64 / 256 (0.2 / 0.5 / 7.0 s)
+        this class (numpy MIH 3x21)      0.25     1.4      0.13      1.4    36 B/hash + 24 MB
 
-    16-bit slices hold ~15 hashes per key at 1M and drown in candidates, 32-bit ones need
-    C(32, <=r/2) probes; 3 x 21 is the balance. A probe costs about as much as 300 popcounts
-    of the flat scan, so radii with nflip = 3 (r = 9..11) scan flat below ~1.4M hashes (4.4 s
-    vs 9 s at 1M for r=10); at nflip <= 2 (r <= 8) the tables win from ~200k hashes.
-    Results are identical to IndexBinaryFlat's in every case (checked by the bench and tests).
+    All exact ones agree with IndexBinaryFlat hash for hash. FAISS's MultiHash keeps its tables
+    in std::unordered_map and gathers candidates in a std::unordered_set: at 5M it took ~1 GB
+    and 25 s (phash r=8) + 16 s (orient r=5) in the scale bench, against ~0.2 GB and <1 s here.
     """
 
     NHASH = 3
     BITS = 21
+    FLAT_FROM_NFLIP = 4  # C(21, <=4) = 7547 probes per slice: scanning is cheaper
+    BLOCK = 1024  # queries per vectorised step: bounds the candidate arrays to tens of MB
 
     def __init__(self, ids: np.ndarray | None = None, hashes: np.ndarray | None = None) -> None:
-        self._index = faiss.IndexBinaryMultiHash(64, self.NHASH, self.BITS)
-        self._ids = np.empty(0, np.int64)  # faiss position -> image_id
+        self._ids = np.empty(0, np.int64)  # position -> image_id
+        self._codes = np.empty(0, np.uint64)  # position -> hash
         self._sorted_ids = np.empty(0, np.int64)  # makes add() idempotent
+        # per slice: positions sorted by slice value, and where each value's run starts
+        self._perm = [np.empty(0, np.int32) for _ in range(self.NHASH)]
+        self._start = [np.zeros((1 << self.BITS) + 1, np.int32) for _ in range(self.NHASH)]
+        self._flat: faiss.IndexBinaryFlat | None = None
         if ids is not None:
             self.add(ids, hashes)
 
     def __len__(self) -> int:
         return len(self._ids)
+
+    def _slice(self, codes: np.ndarray, t: int) -> np.ndarray:
+        return ((codes >> np.uint64(self.BITS * t)) & np.uint64((1 << self.BITS) - 1)).astype(np.int64)
 
     def add(self, ids: np.ndarray, hashes: np.ndarray) -> int:
         """Index the hashes of images not indexed yet (others are skipped); returns how many."""
@@ -144,50 +158,96 @@ class HashIndex:
         if ids.shape != hashes.shape:
             raise ValueError(f"{len(ids)} ids but {len(hashes)} hashes")
         keep = _first_new(self._sorted_ids, ids)
-        if keep.any():
-            self._index.add(hash_to_bytes(hashes[keep]))
-            self._ids = np.concatenate([self._ids, ids[keep]])
-            self._sorted_ids = np.sort(self._ids)
+        if not keep.any():
+            return 0
+        codes = hashes[keep].view(np.uint64)
+        pos = np.arange(len(self), len(self) + len(codes), dtype=np.int32)
+        for t in range(self.NHASH):
+            key = self._slice(codes, t)
+            order = np.argsort(key, kind="stable")
+            # insert each new position at the end of its key's run; shift the later runs
+            self._perm[t] = np.insert(self._perm[t], self._start[t][key[order] + 1], pos[order])
+            self._start[t][1:] += np.cumsum(np.bincount(key, minlength=1 << self.BITS), dtype=np.int32)
+        self._ids = np.concatenate([self._ids, ids[keep]])
+        self._codes = np.concatenate([self._codes, codes])
+        self._sorted_ids = _merge_sorted(self._sorted_ids, ids[keep])
+        self._flat = None
         return int(keep.sum())
-
-    def _use_flat(self, nflip: int) -> bool:
-        # Probing costs NHASH * sum(C(21, j), j <= nflip) hash-table lookups per query, each
-        # about as dear as 300 popcounts of a flat scan (measured, see above).
-        probes = self.NHASH * sum(comb(self.BITS, j) for j in range(nflip + 1))
-        return 300 * probes >= len(self)
 
     def search_radius(self, query: np.ndarray, radius: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Every indexed hash within Hamming distance `radius` (inclusive) of each query hash.
 
         Returns (query_row, matched_id, hamming) as int64, int64, int32 arrays, one entry per
-        match, grouped by query row.
+        match, sorted by query row.
         """
         if radius < 0:
             raise ValueError(f"radius must be >= 0, not {radius}")
-        codes = hash_to_bytes(query)
-        if len(self) == 0 or len(codes) == 0:
+        q = np.asarray(query, dtype=np.int64).reshape(-1).view(np.uint64)
+        if len(self) == 0 or len(q) == 0:
             return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.int32)
         nflip = radius // self.NHASH
-        if self._use_flat(nflip):
-            index = self._index.storage
+        if nflip >= self.FLAT_FROM_NFLIP:
+            rows, pos, dist = self._search_flat(q, radius)
         else:
-            index = self._index
-            index.nflip = nflip
-        lims, dist, pos = index.range_search(codes, radius + 1)  # FAISS keeps distance < radius
-        rows = np.repeat(np.arange(len(codes), dtype=np.int64), np.diff(lims).astype(np.int64))
+            probes = _flip_masks(self.BITS, nflip)
+            parts = [self._search_block(q[b0 : b0 + self.BLOCK], b0, radius, probes)
+                     for b0 in range(0, len(q), self.BLOCK)]
+            rows, pos, dist = (np.concatenate(x) for x in zip(*parts, strict=True))
         return rows, self._ids[pos], dist.astype(np.int32)
 
+    def _search_block(self, q: np.ndarray, offset: int, radius: int,
+                      probes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        found = []
+        for t in range(self.NHASH):
+            keys = self._slice(q, t)[:, None] ^ probes[None, :]  # (queries, probes)
+            first, last = self._start[t][keys].ravel(), self._start[t][keys + 1].ravel()
+            count = last - first
+            total = int(count.sum())
+            if total == 0:
+                continue
+            # positions first..last-1 of every probed run, flattened, and the query of each
+            run_of = np.repeat(np.arange(len(count)), count)
+            within = np.arange(total) - np.repeat(np.cumsum(count) - count, count)
+            pos = self._perm[t][first[run_of] + within]
+            row = run_of // len(probes)
+            dist = np.bitwise_count(self._codes[pos] ^ q[row])
+            ok = dist <= radius
+            found.append((row[ok].astype(np.int64) << 32) | pos[ok].astype(np.int64))
+        if not found:
+            return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.uint8)
+        pairs = np.unique(np.concatenate(found))  # a hash close on two slices is found twice
+        rows, pos = pairs >> 32, pairs & 0xFFFFFFFF
+        return rows + offset, pos, np.bitwise_count(self._codes[pos] ^ q[rows])
+
+    def _search_flat(self, q: np.ndarray, radius: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if self._flat is None:
+            self._flat = faiss.IndexBinaryFlat(64)
+            self._flat.add(hash_to_bytes(self._codes.view(np.int64)))
+        lims, dist, pos = self._flat.range_search(hash_to_bytes(q.view(np.int64)), radius + 1)  # d < r + 1
+        return np.repeat(np.arange(len(q), dtype=np.int64), np.diff(lims.astype(np.int64))), pos, dist
+
     def save(self, path: str | os.PathLike) -> None:
-        _atomic_write(path, {"index": faiss.serialize_index_binary(self._index), "ids": self._ids})
+        _atomic_write(path, {"ids": self._ids, "codes": self._codes,
+                             **{f"perm{t}": self._perm[t] for t in range(self.NHASH)},
+                             **{f"start{t}": self._start[t] for t in range(self.NHASH)}})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> HashIndex:
+        self = cls()
         with np.load(path) as z:
-            self = cls()
-            self._index = faiss.deserialize_index_binary(z["index"])
-            self._ids = z["ids"]
+            self._ids, self._codes = z["ids"], z["codes"]
+            self._perm = [z[f"perm{t}"] for t in range(cls.NHASH)]
+            self._start = [z[f"start{t}"] for t in range(cls.NHASH)]
         self._sorted_ids = np.sort(self._ids)
         return self
+
+
+def _flip_masks(bits: int, nflip: int) -> np.ndarray:
+    """Every `bits`-bit mask with at most `nflip` bits set."""
+    masks = [0]
+    for k in range(1, nflip + 1):
+        masks += [sum(1 << b for b in c) for c in combinations(range(bits), k)]
+    return np.array(masks, np.int64)
 
 
 # --------------------------------------------------------------------------- vector index
@@ -197,15 +257,30 @@ def _l2_normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), np.float32(1e-12))
 
 
+# Full vectors for the re-rank: 8 bits a coordinate over [-1, 1], fixed (unit vectors cannot
+# leave it), so no training can go stale: cosines within ~0.002 (rms) of float32.
+_CODE_STEP = np.float32(2 / 255)
+_CODE_OFFSET = np.float32(-1 + 1 / 255)  # decoded value = offset + code * step (bin centres)
+
+
+def _encode(vecs: np.ndarray) -> np.ndarray:
+    return np.clip(np.floor((vecs + 1) * 127.5), 0, 255).astype(np.uint8)
+
+
+def _decode(codes: np.ndarray) -> np.ndarray:
+    return _CODE_OFFSET + codes.astype(np.float32) * _CODE_STEP
+
+
 def _default_nlist(n: int) -> int:
-    # About 2 * sqrt(n) lists, a power of two; a flat scan below 20k vectors.
-    return 1 if n < 20_000 else int(2 ** round(np.log2(2 * np.sqrt(n))))
+    # ~500 vectors a list (a power of two), so a probe scans as much at 5M as at 1M: search
+    # time stays flat while the coarse quantizer's share (nlist dot products) stays small.
+    # One list (a flat scan) below 20k vectors.
+    return 1 if n < 20_000 else int(2 ** round(np.log2(n / 500)))
 
 
 class _RowStore:
     """Fixed-size byte rows in a file: appended as they come (the caller's saved row count is
-    the commit point), read back through a memory map whose pages are released after each read,
-    so they cost page cache, not process memory."""
+    the commit point), read back with pread, so they cost page cache, not process memory."""
 
     def __init__(self, row_bytes: int, path: Path | None = None, nrows: int = 0) -> None:
         self.row_bytes = row_bytes
@@ -217,8 +292,8 @@ class _RowStore:
                 raise ValueError(f"{path} holds fewer than the {nrows} rows its index expects")
             self._file = open(path, "r+b" if path.exists() else "w+b")  # noqa: SIM115
         self._file.truncate(nrows * row_bytes)  # drops rows a crashed run appended but never committed
+        os.posix_fadvise(self._file.fileno(), 0, 0, os.POSIX_FADV_RANDOM)  # scattered reads: no read-ahead
         self.nrows = nrows
-        self._map: mmap.mmap | None = None
 
     def append(self, rows: np.ndarray) -> None:
         self._file.seek(self.nrows * self.row_bytes)
@@ -226,32 +301,21 @@ class _RowStore:
         self.nrows += len(rows)
 
     def read(self, rows: np.ndarray) -> np.ndarray:
-        if len(rows) == 0:
-            return np.empty((0, self.row_bytes), np.uint8)
-        size = self.nrows * self.row_bytes
-        if self._map is None or len(self._map) < size:  # rows were appended: map them too
-            self._file.flush()
-            self._unmap()
-            self._map = mmap.mmap(self._file.fileno(), size, access=mmap.ACCESS_READ)
-            self._map.madvise(mmap.MADV_RANDOM)  # rows are scattered: no read-ahead
-        table = np.frombuffer(self._map, np.uint8, count=size).reshape(self.nrows, self.row_bytes)
-        out = np.empty((len(rows), self.row_bytes), np.uint8)
-        # Each page fault maps up to 64 KB around it (fault-around, even with MADV_RANDOM): read
-        # 1024 rows at a time, then unmap them (MADV_DONTNEED keeps them in the page cache, out
-        # of our RSS), so reading costs tens of MB, not the file's size.
-        for r0 in range(0, len(rows), 1024):
-            out[r0 : r0 + 1024] = table[rows[r0 : r0 + 1024]]
-            self._map.madvise(mmap.MADV_DONTNEED)
-        del table  # the map cannot close while a view of it lives
+        # One pread a row, not a memory map: a map faults in whole page-cache folios (up to
+        # 2 MB each for a freshly written file), which blew the RSS up by ~1 GB at 1M rows.
+        self._file.flush()
+        fd, size = self._file.fileno(), self.row_bytes
+        out = np.empty((len(rows), size), np.uint8)
+        for j, r in enumerate(rows.tolist()):
+            out[j] = np.frombuffer(os.pread(fd, size, r * size), np.uint8)
         return out
 
-    def _unmap(self) -> None:
-        if self._map is not None:
-            self._map.close()
-            self._map = None
+    def read_range(self, start: int, stop: int) -> np.ndarray:
+        self._file.flush()
+        data = os.pread(self._file.fileno(), (stop - start) * self.row_bytes, start * self.row_bytes)
+        return np.frombuffer(data, np.uint8).reshape(stop - start, self.row_bytes)
 
     def close(self) -> None:
-        self._unmap()
         self._file.close()
 
     def save(self, path: Path) -> None:
@@ -267,6 +331,7 @@ class _RowStore:
             os.replace(tmp, path)
             self.close()
             self._file = open(path, "r+b")  # noqa: SIM115
+            os.posix_fadvise(self._file.fileno(), 0, 0, os.POSIX_FADV_RANDOM)
             self.path = path
         else:
             os.fsync(self._file.fileno())
@@ -284,22 +349,42 @@ class VectorIndex:
     (the differences between near-duplicates spread over many more axes than the photos do),
     which is why the reported cosine always comes from the re-rank.
 
-    VECTOR_MEASUREMENTS_PLACEHOLDER
+    Measured with `python bench/neardup_scale.py --compare-vector --sizes 1000000`: 1M x 1280
+    embeddings drawn from a model fitted to real EfficientNet-Lite0 ones (it reproduces their
+    projection error on real near-duplicate pairs: +0.017 +- 0.015 vs +0.018 +- 0.017 at 512
+    dims), 10k queries (25% near-duplicates), exact float32 top-50 of 1000 as truth, k=10,
+    recall capped at k per query; 2048 lists:
 
-    The projection, the lists and the 8-bit ranges are learnt from the vectors of the first
-    `add` (or `train`): index a representative sample first, and rebuild when the catalog has
-    outgrown it (`needs_rebuild`).
+        RAM/vector   search   nprobe  recall/precision at cosine 0.85 / 0.90 / 0.95
+        64 B (128d)  re-rank     4    0.987/0.996  0.978/0.992  0.993/0.980
+        128 B (256d) re-rank     2    0.996/0.997  0.993/0.992  0.993/0.980
+        128 B (256d) re-rank     4    0.997/0.997  0.994/0.992  0.993/0.980   (2.6 cpu-s)
+        128 B (256d) re-rank     8    0.997/0.997  0.994/0.992  0.993/0.980   (4.3 cpu-s)
+        192 B (384d) re-rank     4    0.996/0.996  0.992/0.992  0.986/0.986
+        128 B (256d) compressed  4    0.900/0.457  0.815/0.242  0.925/0.114   cosines +0.06 high
 
-    Persistence: a directory with INDEX_FILE and ROWS_FILE. An index created or loaded with a
-    directory appends new rows to that directory's ROWS_FILE right away; `save` to the same
-    directory then only writes INDEX_FILE, the commit point: a run that dies before it leaves
-    rows that the next `load` drops. One writer at a time.
+    Re-ranked cosines were within 0.001 of the float32 ones (0.002 rms now that the 8-bit codes
+    use the fixed range [-1, 1]). nprobe is 8, not 4, by default: in the scale bench at 5M
+    (4096 lists then) planted near-duplicates were found at 0.975 with 4 and 0.992 with 8
+    (0.998 at 1M either way): near-duplicates of outlying photos can fall in a neighbouring
+    list. nprobe=4 halves the list scanning.
+
+    The projection and the lists are learnt from the vectors of the first `add` (or `train`,
+    given a sample and the expected size). Once the index holds 4x what it was trained for,
+    the next `add` retrains on a sample of the stored vectors and re-indexes them all (a
+    catalog that started small; seconds at 100k, a few minutes at millions; geometric, so
+    cheap overall). The full-vector codes need no training.
+
+    Persistence: a directory with INDEX_FILE (the commit point), ROWS_FILE and the lists file
+    INDEX_FILE names. An index created or loaded with a directory appends new rows to that
+    directory's ROWS_FILE right away; a run that dies before `save` leaves rows that the next
+    `load` drops. One writer at a time.
     """
 
     INDEX_FILE = "vector_index.npz"
     ROWS_FILE = "vectors.sq8"
 
-    def __init__(self, dim: int, *, keep_dims: int = 256, nlist: int | None = None, nprobe: int = 4,
+    def __init__(self, dim: int, *, keep_dims: int = 256, nlist: int | None = None, nprobe: int = 8,
                  margin: float = 0.06, path: str | os.PathLike | None = None) -> None:
         self.dim = dim
         self.keep_dims = min(keep_dims, dim)
@@ -309,7 +394,6 @@ class VectorIndex:
         self.trained_on = 0
         self._proj: np.ndarray | None = None  # (dim, keep_dims); None: keep every dimension
         self._ivf: faiss.IndexIVFScalarQuantizer | None = None
-        self._sq8: faiss.IndexScalarQuantizer | None = None
         # Full-vector codes go to path/ROWS_FILE as they are added (a temporary file without a
         # path); save() into the same directory then only has to commit them.
         if path is not None:
@@ -326,12 +410,6 @@ class VectorIndex:
     def trained(self) -> bool:
         return self._ivf is not None
 
-    def needs_rebuild(self) -> bool:
-        """True once the index holds 16x more vectors than it was trained on (and could use
-        more lists): rebuild it from the stored embeddings with a fresh sample."""
-        return (self.trained and len(self) > 16 * self.trained_on
-                and _default_nlist(len(self)) > self._ivf.nlist)
-
     def _reduce(self, vecs: np.ndarray) -> np.ndarray:
         if self._proj is None:
             return vecs
@@ -344,7 +422,7 @@ class VectorIndex:
         return vecs
 
     def train(self, sample: np.ndarray, expected_size: int | None = None) -> None:
-        """Learn the projection, the lists and the code ranges from a sample of the vectors."""
+        """Learn the projection and the lists from a sample of the vectors (replacing any)."""
         sample = self._check(sample)
         n = len(sample)
         if self.keep_dims < self.dim and n >= self.keep_dims:
@@ -362,9 +440,17 @@ class VectorIndex:
         ivf.cp.niter = 10
         ivf.cp.max_points_per_centroid = 64  # k-means on <= 64 * nlist points: minutes, not hours
         ivf.train(reduced)
-        sq8 = faiss.IndexScalarQuantizer(self.dim, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)
-        sq8.train(sample)
-        self._ivf, self._sq8, self.trained_on, self.nlist = ivf, sq8, n, nlist
+        self._ivf, self.trained_on, self.nlist = ivf, max(n, expected_size or 0), nlist
+
+    def _rebuild(self) -> None:
+        """Retrain on a sample of the stored vectors and index them all again."""
+        n = len(self)
+        rng = np.random.default_rng(n)
+        sample = np.sort(rng.choice(n, min(n, 500_000), replace=False))  # k-means takes 64/list of it
+        self.train(_decode(self._rows.read(sample)), expected_size=n)
+        for r0 in range(0, n, 100_000):
+            r1 = min(r0 + 100_000, n)
+            self._ivf.add_with_ids(self._reduce(_decode(self._rows.read_range(r0, r1))), np.arange(r0, r1))
 
     def add(self, ids: np.ndarray, vecs: np.ndarray) -> int:
         """Index the vectors of images not indexed yet (others are skipped); returns how many.
@@ -382,20 +468,18 @@ class VectorIndex:
             vecs = vecs[keep]
             rows = np.arange(len(self), len(self) + len(vecs), dtype=np.int64)
             self._ivf.add_with_ids(self._reduce(vecs), rows)
-            self._rows.append(self._sq8.sa_encode(vecs))
-            self._row_ids = np.concatenate([self._row_ids, ids[keep]])
-            self._index_ids()
+            self._rows.append(_encode(vecs))
+            new = ids[keep]
+            order = np.argsort(new)
+            at = np.searchsorted(self._sorted_ids, new[order])  # merge: O(n), not a re-sort
+            self._sorted_ids = np.insert(self._sorted_ids, at, new[order])
+            self._sorted_rows = np.insert(self._sorted_rows, at, rows[order])
+            self._row_ids = np.concatenate([self._row_ids, new])
+            if len(self) >= 4 * self.trained_on:
+                # Trained for a quarter of what it holds (a catalog that began small): the
+                # projection and lists no longer fit it.
+                self._rebuild()
         return int(keep.sum())
-
-    def _code_params(self) -> tuple[np.ndarray, np.ndarray]:
-        """(offset, step) with decoded vector = offset + code * step (faiss QT_8bit, min-max)."""
-        trained = faiss.vector_to_array(self._sq8.sq.trained)
-        vmin, vdiff = trained[: self.dim], trained[self.dim :]
-        return vmin + 0.5 * vdiff / 255, vdiff / 255
-
-    def _decode(self, codes: np.ndarray) -> np.ndarray:
-        offset, step = self._code_params()
-        return offset + codes.astype(np.float32) * step
 
     def _index_ids(self) -> None:
         self._sorted_rows = np.argsort(self._row_ids, kind="stable")
@@ -415,8 +499,8 @@ class VectorIndex:
         both = np.flatnonzero(known[:half] & known[half:])
         for c0 in range(0, len(both), 4096):  # decode a few thousand pairs at a time
             j = both[c0 : c0 + 4096]
-            a = self._decode(self._rows.read(rows[j]))
-            b = self._decode(self._rows.read(rows[j + half]))
+            a = _decode(self._rows.read(rows[j]))
+            b = _decode(self._rows.read(rows[j + half]))
             out[j] = np.einsum("ij,ij->i", a, b)
         return out
 
@@ -443,8 +527,7 @@ class VectorIndex:
         qi, ci = np.nonzero((cand >= 0) & (approx >= min_cosine - self.margin))
         rows = cand[qi, ci]
         # q . decode(code) = q . offset + (q * step) . code: score the codes without decoding
-        code_offset, code_step = self._code_params()
-        q_off, q_step = q @ code_offset, q * code_step
+        q_off, q_step = q.sum(axis=1) * _CODE_OFFSET, q * _CODE_STEP
         cos = np.empty(len(rows), np.float32)
         for c0 in range(0, len(rows), 4096):  # a few thousand candidates' codes at a time
             part = slice(c0, c0 + 4096)
@@ -461,21 +544,27 @@ class VectorIndex:
         return qi[top] + offset, self._row_ids[rows[top]], cos[top].astype(np.float32)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Save into directory `path` (created if needed): the index file and the row file."""
+        """Save into directory `path` (created if needed): rows, lists, then INDEX_FILE."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         if not self.trained:
             raise ValueError("cannot save an untrained VectorIndex: add vectors first")
-        self._rows.save(path / self.ROWS_FILE)  # rows first: the index file is the commit point
+        self._rows.save(path / self.ROWS_FILE)
+        # The lists go to a file of their own, named by size, written by faiss straight from
+        # memory (serialising them into the npz would hold a second copy: +680 MB at 5M).
+        lists = f"lists-{len(self)}.faiss"
+        faiss.write_index(self._ivf, str(path / (lists + ".tmp")))
+        os.replace(path / (lists + ".tmp"), path / lists)
         meta = {"dim": self.dim, "keep_dims": self.keep_dims, "nprobe": self.nprobe, "margin": self.margin,
-                "trained_on": self.trained_on, "nrows": len(self)}
+                "trained_on": self.trained_on, "nrows": len(self), "lists": lists}
         _atomic_write(path / self.INDEX_FILE, {
             "meta": np.frombuffer(json.dumps(meta).encode(), np.uint8),
-            "ivf": faiss.serialize_index(self._ivf),
-            "sq8": faiss.serialize_index(self._sq8),
             "proj": self._proj if self._proj is not None else np.empty((0, 0), np.float32),
             "row_ids": self._row_ids,
         })
+        for old in path.glob("lists-*.faiss"):  # committed: earlier lists are garbage now
+            if old.name != lists:
+                old.unlink()
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> VectorIndex:
@@ -484,10 +573,9 @@ class VectorIndex:
             meta = json.loads(z["meta"].tobytes())
             self = cls(meta["dim"], keep_dims=meta["keep_dims"], nprobe=meta["nprobe"], margin=meta["margin"])
             self.trained_on = meta["trained_on"]
-            self._ivf = faiss.deserialize_index(z["ivf"])
-            self._sq8 = faiss.deserialize_index(z["sq8"])
             self._proj = z["proj"] if z["proj"].size else None
             self._row_ids = z["row_ids"]
+        self._ivf = faiss.read_index(str(path / meta["lists"]))
         self.nlist = self._ivf.nlist
         self._index_ids()
         self._rows.close()
@@ -500,20 +588,30 @@ class VectorIndex:
 
 @dataclass(frozen=True)
 class NearDupConfig:
-    """Thresholds of find_pairs. Defaults from `bench/neardup_scale.py --calibrate` (real photos
-    and their variants through the production hash and embedding code) and its chance-match
-    rates; see the module's figures in the integration notes.
+    """Thresholds of find_pairs.
 
-    phash_radius: max pHash Hamming distance of a "phash" pair (inclusive).
-    orient_radius: the same for a flipped/rotated copy ("phash_orient"); -1 disables it.
-    min_cosine: min embedding cosine of an "embedding" pair.
-    k: max embedding neighbours per new image.
-    verify_radius, verify_cosine: a pHash pair farther apart than verify_radius is kept only if
-        the two embeddings have cosine >= verify_cosine (when both are indexed). Unrelated
-        photos collide on 64-bit pHashes often enough at catalog scale (about 0.16 per new
-        image within 8 bits at 1M, 0.8 at 5M) to chain groups together; their embeddings are
-        unrelated (cosine p99.9 0.46), while true copies sit at 0.77 and above.
-    max_hash_matches: max pHash matches kept per new image and method, closest first: caps the
+    Defaults from `python bench/neardup_scale.py --calibrate ND_DIR`: 40 real photos x 14
+    variants plus 460 distractors, through extract's 512-px thumbnail, hashing's pHash,
+    dihedral_phashes and the EfficientNet-Lite0 embedder; chance matches from crops of different
+    real photos. Distances are orig vs variant.
+
+    phash_radius (8): resized, recompressed, PNG, grey, EXIF-rotated copies are at 0-2 bits,
+        brightness/colour changes at <= 6, watermarks at 0-18 (75% within 8); crops at 16+ are
+        left to the embeddings. Different photos: 1.6e-7 of pairs within 8 bits (0.16 chance
+        matches per new image at 1M), 5e-7 within 10 (imagededup's default; 2.5 at 5M).
+    orient_radius (5): mirrored and rotated copies are 0-2 bits from one of the 7 transformed
+        hashes of the original; searching 7 hashes multiplies chance matches by 2-6 (4.7e-8
+        of pairs within 4 bits, 1.3e-7 within 6: 0.13 per new image at 1M). -1 disables it.
+    min_cosine (0.90): colour, PNG, EXIF, watermark copies >= 0.95; mirrored >= 0.92;
+        brightness and JPEG q40 mostly >= 0.90 (min 0.77); 90% crops 82% >= 0.90 (98% >= 0.85).
+        Different photos: max 0.71, p99.9 0.46; photos of one scene reach 0.85-0.9.
+    k (10): embedding neighbours per new image (groups connect through any of them).
+    verify_radius (2), verify_cosine (0.5): a pHash pair more than verify_radius bits apart is
+        kept only if the two embeddings have cosine >= verify_cosine (when both are indexed).
+        At catalog scale chance matches chain groups together (a 5M catalog gives each new
+        image ~0.8 within 8 bits); their embeddings are unrelated (cosine p99.9 0.46) while
+        pHash-found copies sit at 0.77 and above, rotated ones at 0.39+ (but at 0-2 bits).
+    max_hash_matches (50): pHash matches kept per new image and method, closest first: caps the
         quadratic blow-up of thousands of blank or near-uniform images, all alike, while still
         connecting them into one group.
     """
