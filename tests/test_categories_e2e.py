@@ -103,3 +103,31 @@ def test_model_change_reclusters_from_thumbnails_only(cfg: Config, archive: Path
     assert moved == summary.images
     (errors,), = query(cfg, "SELECT count(*) FROM ingest_errors WHERE error = 'embed'")
     assert errors == 0
+
+
+def test_a_doubled_catalog_is_clustered_again(cfg: Config, tmp_path: Path) -> None:
+    root = tmp_path / "grow"
+    root.mkdir()
+    photos = sorted(IMAGENET.glob("*.JPEG"))
+    for p in photos[:30]:
+        shutil.copy(p, root / p.name)
+    run(cfg, [str(root)])
+    ver = active(cfg)
+    for p in photos[30:45]:  # 45 < 2 x 30: placed incrementally
+        shutil.copy(p, root / p.name)
+    assert run(cfg, [str(root)]).clusters.refits == 0
+    before = dict(query(cfg, "SELECT image_id, cluster_id FROM image_cluster"))
+    for p in photos[45:70]:  # 70 >= 2 x 30: everything is clustered again
+        shutil.copy(p, root / p.name)
+    grown = run(cfg, [str(root)])
+    assert grown.clusters.refits == 1
+    one_row_per_embedded_image(cfg)
+    (pooled,), = query(cfg, "SELECT count(*) FROM cluster_pool")
+    assert pooled == 0
+    (sizes,), = query(cfg, "SELECT sum(size) FROM clusters WHERE model_ver = %s", ver)
+    assert sizes == 70
+    # The first images' old clusters are mapped onto the new ones for analysts.
+    moved = query(cfg, "SELECT old_cluster_id, sum(overlap) FROM cluster_transitions "
+                       "WHERE old_model_ver = %s AND new_model_ver = %s GROUP BY 1", ver, ver)
+    assert sum(n for _, n in moved) == 45
+    assert {c for c, _ in moved} == set(before.values())

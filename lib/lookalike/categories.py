@@ -10,13 +10,23 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import psycopg
 
-from lookalike.clustering import ClusterConfig, assign, assign_incremental, fit_clusters
+from lookalike import db
+from lookalike.clustering import (
+    ClusterConfig,
+    assign,
+    assign_incremental,
+    cluster_mapping,
+    fit_clusters,
+    should_refit,
+)
 from lookalike.db import vector_to_db
-from lookalike.vectors import read_vectors
+from lookalike.progress import say
+from lookalike.vectors import chunks, read_vectors, spill_vectors
 
 
 @dataclass
@@ -24,16 +34,23 @@ class ClusterCounts:
     joined: int = 0   # new images placed in an existing cluster
     created: int = 0  # clusters created
     pooled: int = 0   # images waiting for enough company to seed a cluster
+    refits: int = 0   # full clusterings of the whole model_ver (the catalog had doubled)
 
     def add(self, other: ClusterCounts) -> None:
         self.joined += other.joined
         self.created += other.created
         self.pooled = other.pooled  # a level, not a sum
+        self.refits += other.refits
 
 
 def cluster_config(cfg: dict) -> ClusterConfig:
     return ClusterConfig(k=cfg["k"] or None, merge_cosine=cfg["merge_cosine"],
-                         join_cosine=cfg["join_cosine"], pool_min=cfg["pool_min"])
+                         join_cosine=cfg["join_cosine"], pool_min=cfg["pool_min"],
+                         refit_growth=cfg["refit_growth"] or float("inf"))
+
+
+def _fit_size_key(model_ver: str) -> str:
+    return f"cluster_fit_images:{model_ver}"
 
 
 def _existing(cur: psycopg.Cursor, model_ver: str, vector_type: str) -> tuple[np.ndarray, np.ndarray,
@@ -83,17 +100,56 @@ def fit_and_write(cur: psycopg.Cursor, model_ver: str, ids: np.ndarray,
         sims.append(sim)
     _write_members(cur, model_ver, ids, cluster_ids[np.concatenate(labels)], np.concatenate(sims))
     cur.execute("DELETE FROM cluster_pool WHERE model_ver = %s", (model_ver,))
+    db.set_meta(cur.connection, _fit_size_key(model_ver), str(n))  # should_refit measures growth from here
     return ClusterCounts(joined=0, created=len(cluster_ids))
 
 
+def refit(cur: psycopg.Cursor, model_ver: str, cfg: ClusterConfig, vector_type: str,
+          scratch: Path) -> ClusterCounts:
+    """A full clustering of every vector of model_ver in place of its clusters (same transaction);
+    how the old clusters map onto the new ones goes to cluster_transitions."""
+    before = dict(cur.execute("SELECT image_id, cluster_id FROM image_cluster WHERE model_ver = %s",
+                              (model_ver,)).fetchall())
+    ids, vectors = spill_vectors(cur.connection, model_ver, vector_type, scratch)
+    cur.execute("DELETE FROM clusters WHERE model_ver = %s", (model_ver,))  # cascades to image_cluster
+    counts = fit_and_write(cur, model_ver, ids, lambda: chunks(vectors), len(ids), cfg, vector_type)
+    record_transitions(cur, model_ver, before, model_ver)
+    counts.refits = 1
+    return counts
+
+
+def record_transitions(cur: psycopg.Cursor, old_ver: str, before: dict[int, int], new_ver: str) -> None:
+    """Overlap counts between the clusters images had before (`before`) and the ones they have now."""
+    after = dict(cur.execute("SELECT image_id, cluster_id FROM image_cluster WHERE model_ver = %s",
+                             (new_ver,)).fetchall())
+    shared = sorted(set(before) & set(after))
+    if not shared:
+        return
+    mapping = cluster_mapping(np.asarray([before[i] for i in shared]), np.asarray([after[i] for i in shared]))
+    with cur.copy("COPY cluster_transitions (old_model_ver, old_cluster_id, new_model_ver, new_cluster_id, "
+                  "overlap) FROM STDIN") as copy:
+        for o, n, overlap in mapping[["old_cluster", "new_cluster", "overlap"]].itertuples(index=False):
+            copy.write_row((old_ver, int(o), new_ver, int(n), int(overlap)))
+
+
 def assign_new(cur: psycopg.Cursor, model_ver: str, image_ids: np.ndarray, vecs: np.ndarray,
-               cfg: ClusterConfig, vector_type: str) -> ClusterCounts:
-    """Place new images (and re-test the pool); the first images of a model get a full fit."""
+               cfg: ClusterConfig, vector_type: str, scratch: Path) -> ClusterCounts:
+    """Place new images (and re-test the pool); the first images of a model get a full fit, and
+    so does the whole model_ver each time the catalog has grown refit_growth-fold since its last
+    fit (an archive's first load arrives as many manifests: without it, the clusters fitted on
+    the first one would shape all the others). Their vectors must already be in image_embeddings."""
     if len(image_ids) == 0:
         return ClusterCounts()
     cluster_ids, centroids, sizes = _existing(cur, model_ver, vector_type)
     if len(cluster_ids) == 0:
         return fit_and_write(cur, model_ver, image_ids, lambda: [vecs], len(vecs), cfg, vector_type)
+    fitted_on = int(db.get_meta(cur.connection, _fit_size_key(model_ver)) or 0)
+    n_now = cur.execute("SELECT count(*) FROM image_embeddings WHERE model_ver = %s",
+                        (model_ver,)).fetchone()[0]
+    if should_refit(fitted_on, n_now, cfg):
+        say(f"clusters: the catalog grew from {fitted_on} to {n_now} {model_ver} vectors since its last "
+            "clustering: clustering them all again")
+        return refit(cur, model_ver, cfg, vector_type, scratch)
     pool_ids, pool_vecs = read_vectors(
         cur, "SELECT p.image_id, e.embedding FROM cluster_pool p JOIN image_embeddings e "
              "USING (image_id, model_ver) WHERE p.model_ver = %s ORDER BY p.image_id", (model_ver,),

@@ -40,6 +40,7 @@ _RANGES: dict[str, tuple[float | None, float | None]] = {
     "cluster.merge_cosine": (-1.0, 1.0),
     "cluster.join_cosine": (-1.0, 1.0),
     "cluster.pool_min": (1, None),
+    "cluster.refit_growth": (0.0, None),
 }
 _CHOICES: dict[str, tuple[str, ...]] = {
     "embed.backend": ("auto", "torch", "onnx"),
@@ -101,6 +102,9 @@ def _check_value(key: str, default: Any, value: Any) -> Any:
             raise ConfigError(f"{key}: {value!r} is out of range [{lo}, {hi if hi is not None else '∞'}]")
     if key in _CHOICES and value not in _CHOICES[key]:
         raise ConfigError(f"{key}: {value!r} is not one of {', '.join(_CHOICES[key])}")
+    if key == "cluster.refit_growth" and 0 < value <= 1:
+        raise ConfigError(f"{key}: {value!r} would cluster everything again on every run: "
+                          "use 0 (never) or more than 1")
     return value
 
 

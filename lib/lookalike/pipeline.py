@@ -71,8 +71,9 @@ class RunSummary:
         return (f"run {self.run_id}: {c.files} files in {self.manifests} manifests, "
                 f"{c.new_images} new images, {c.exact_copies} exact copies, {c.errors} errors; "
                 f"{self.dups.pairs} near-duplicate pairs; "
-                f"clusters: {k.joined} joined, {k.created} created, {k.pooled} waiting "
-                f"({self.seconds:.1f} s)")
+                f"clusters: {k.joined} joined, {k.created} created, {k.pooled} waiting"
+                + (f", {k.refits} full re-clusterings" if k.refits else "")
+                + f" ({self.seconds:.1f} s)")
 
 
 class Runner:
@@ -247,7 +248,7 @@ class Runner:
                            self.vector_type))
             ids, vecs = embedded_ids(cur, embeddings)
             clusters.add(assign_new(cur, spec.model_ver, ids, vecs, cluster_config(self.cfg["cluster"]),
-                                    self.vector_type))
+                                    self.vector_type, self.layout.home / "scratch"))
 
         counts = load_manifest(self.conn, manifest_id, run_id, features, extra)
         if new is not None:

@@ -12,13 +12,11 @@ import json
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import psycopg
 import pyarrow as pa
 
 from lookalike import db
-from lookalike.categories import cluster_config, fit_and_write
-from lookalike.clustering import cluster_mapping
+from lookalike.categories import cluster_config, fit_and_write, record_transitions
 from lookalike.config import Config
 from lookalike.load import copy_embeddings
 from lookalike.models import resolve_model
@@ -75,7 +73,7 @@ def recluster(cfg: Config, model: str | None = None) -> ReclusterSummary:
                                            cluster_config(cfg["cluster"]), vector_type)
                     n_clusters = counts.created
                 if before:
-                    _record_transitions(cur, old_ver, before, spec.model_ver)
+                    record_transitions(cur, old_ver, before, spec.model_ver)
                 db.set_meta(conn, "active_model", name)
                 db.set_meta(conn, "active_model_ver", spec.model_ver)
                 summary = ReclusterSummary(name, spec.model_ver, len(ids), rows.num_rows, n_clusters,
@@ -102,16 +100,3 @@ def _images_to_embed(conn: psycopg.Connection, model_ver: str) -> pa.Table:
 def _assignment(cur: psycopg.Cursor, model_ver: str) -> dict[int, int]:
     return dict(cur.execute("SELECT image_id, cluster_id FROM image_cluster WHERE model_ver = %s",
                             (model_ver,)).fetchall())
-
-
-def _record_transitions(cur: psycopg.Cursor, old_ver: str, before: dict[int, int], new_ver: str) -> None:
-    """Overlap counts between the clusters an image had before and the ones it has now."""
-    after = _assignment(cur, new_ver)
-    shared = sorted(set(before) & set(after))
-    if not shared:
-        return
-    mapping = cluster_mapping(np.asarray([before[i] for i in shared]), np.asarray([after[i] for i in shared]))
-    with cur.copy("COPY cluster_transitions (old_model_ver, old_cluster_id, new_model_ver, new_cluster_id, "
-                  "overlap) FROM STDIN") as copy:
-        for o, n, overlap in mapping[["old_cluster", "new_cluster", "overlap"]].itertuples(index=False):
-            copy.write_row((old_ver, int(o), new_ver, int(n), int(overlap)))
