@@ -13,6 +13,7 @@ from conftest import UKBENCH
 from PIL import Image
 
 from lookalike.extract import ExtractSettings, extract_file, thumb_relpath
+from lookalike.pipeline import extract_tasks
 
 PHOTO = UKBENCH / "base_images" / "ukbench01380.jpg"
 
@@ -163,3 +164,11 @@ def test_bytes_are_read_once(settings: ExtractSettings, monkeypatch: pytest.Monk
     monkeypatch.setattr(io, "open", io.open)
     extract_file(str(PHOTO), settings)
     assert opened.count(str(PHOTO)) == 1
+
+
+def test_extract_tasks_follow_bytes_not_file_counts() -> None:
+    mb = 1 << 20
+    assert extract_tasks(40, 40 * 30 * mb, 64 * mb, cores=2) == 19  # archive files: 2-3 a task
+    assert extract_tasks(500, 500 * mb // 10, 64 * mb, cores=2) == 4  # small JPEGs: 2 tasks a core
+    assert extract_tasks(3, 3 * mb, 64 * mb, cores=8) == 3  # never an empty task
+    assert extract_tasks(0, 0, 64 * mb, cores=2) == 1

@@ -221,9 +221,8 @@ def first_run(corpus: Corpus, tmp_path_factory: pytest.TempPathFactory) -> First
     home = tmp_path_factory.mktemp("hostile-home")
     share_models(home, tmp_path_factory.getbasetemp() / "models")
     conf = home / "test.toml"
-    # split_dirs = 2: the driver lists the root, Spark tasks walk the subfolders (both code paths);
-    # 8 files a task: fewer Python tasks on a small corpus.
-    conf.write_text('[scan]\nsplit_dirs = 2\n\n[extract]\nfiles_per_task = 8\n\n'
+    # split_dirs = 2: the driver lists the root, Spark tasks walk the subfolders (both code paths).
+    conf.write_text('[scan]\nsplit_dirs = 2\n\n'
                     '[spark]\nmaster = "local[2]"\n')
     argv = ["run", str(corpus.root), "--home", str(home), "--config", str(conf)]
     env = {k: v for k, v in os.environ.items() if k != "LOOKALIKE_DSN"}

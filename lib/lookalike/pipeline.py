@@ -76,6 +76,12 @@ class RunSummary:
                 + f" ({self.seconds:.1f} s)")
 
 
+def extract_tasks(files: int, total_bytes: int, task_bytes: int, cores: int) -> int:
+    """Spark tasks for extracting `files` originals: about task_bytes each, at least two a core
+    (so big and small files balance over the cores), never more than one a file."""
+    return max(1, min(files, max(math.ceil(total_bytes / task_bytes), 2 * cores)))
+
+
 class Runner:
     """Holds the Spark session, the catalog connection and the layout for one run."""
 
@@ -168,11 +174,12 @@ class Runner:
     def extract(self, manifest_id: str) -> pa.Table:
         out = self.layout.stage(manifest_id, "features")
         if not Layout.is_complete(out):
-            manifest = pq.read_metadata(self.layout.manifest(manifest_id))
+            sizes = pq.read_table(self.layout.manifest(manifest_id), columns=["bytes"])["bytes"]
             settings = ExtractSettings.from_config(self.cfg, self.layout.thumbs)
             prepare_thumbs_dir(self.layout.thumbs)  # fail the run once, not every file
-            tasks = max(1, math.ceil(manifest.num_rows / self.cfg["extract"]["files_per_task"]))
-            with stage(f"extract {manifest_id}", manifest.num_rows, self.spark):
+            tasks = extract_tasks(len(sizes), pc.sum(sizes).as_py() or 0, self.cfg["extract"]["task_bytes"],
+                                  self.spark.sparkContext.defaultParallelism)
+            with stage(f"extract {manifest_id}", len(sizes), self.spark):
                 df = self.spark.read.parquet(str(self.layout.manifest(manifest_id))).repartition(tasks)
                 df.mapInPandas(partial(extract_batches, settings=settings), schema=FEATURES_DDL) \
                     .write.mode("overwrite").parquet(str(out))
@@ -252,7 +259,7 @@ class Runner:
 
         counts = load_manifest(self.conn, manifest_id, run_id, features, extra)
         if new is not None:
-            self.indexes.commit(self.conn, new)
+            self.indexes.commit(new)
         self.clusters.add(clusters)
         self.dups.add(dups)
         say(f"load {manifest_id}: {counts.new_images} new images, {counts.exact_copies} exact copies, "
