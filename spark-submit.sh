@@ -49,7 +49,7 @@ export LOOKALIKE_DEFAULTS="$here/conf/lookalike.toml" LOOKALIKE_SPARK_MASTER="$m
 # The driver JVM is spark-submit's own: without this it logs every INFO line of Spark's start.
 exec "$submit" --master "$master" \
   --conf spark.ui.showConsoleProgress=false \
-  --conf spark.driver.extraJavaOptions=-Dlog4j2.level=warn \
+  --conf "spark.driver.extraJavaOptions=-Dlog4j2.configurationFile=file://$here/conf/log4j2.properties" \
   --conf "spark.executorEnv.PYSPARK_PYTHON=$python" \
   --py-files "$build/lookalike.zip" --files "$here/conf/lookalike.toml" \
   "${opts[@]}" "$job" "$@"

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from lookalike.config import ConfigError, load_config
+from lookalike.config import REPO_ROOT, ConfigError, load_config
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -54,3 +54,9 @@ def test_dsn_from_environment_wins(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
 def test_home_flag_overrides(tmp_path: Path) -> None:
     assert load_config(None, tmp_path / "h").home == (tmp_path / "h").resolve()
+
+
+def test_the_cluster_example_is_a_valid_override(tmp_path: Path) -> None:
+    cfg = load_config(REPO_ROOT / "conf" / "cluster.example.toml", tmp_path)
+    assert cfg["spark"]["master"].startswith("spark://")
+    assert cfg["catalog"]["dsn"].startswith("postgresql://")

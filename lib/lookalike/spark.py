@@ -7,7 +7,10 @@ import sys
 
 from pyspark.sql import SparkSession
 
-from lookalike.config import Config
+from lookalike.config import DEFAULTS_FILE, Config
+
+# Quiet Spark logging (warnings only), beside the default configuration.
+LOG4J2_FILE = DEFAULTS_FILE.parent / "log4j2.properties"
 
 
 def _default_local_ip(master: str) -> None:
@@ -15,6 +18,12 @@ def _default_local_ip(master: str) -> None:
     # is often unreachable; loopback always works. A cluster driver keeps the user's choice.
     if master.startswith("local"):
         os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+
+
+def _log_options() -> str:
+    if LOG4J2_FILE.is_file():
+        return f"-Dlog4j2.configurationFile={LOG4J2_FILE.as_uri()}"
+    return "-Dlog4j2.level=warn"
 
 
 def get_spark(cfg: Config, app_name: str = "lookalike") -> SparkSession:
@@ -42,7 +51,7 @@ def get_spark(cfg: Config, app_name: str = "lookalike") -> SparkSession:
         .config("spark.python.worker.reuse", "true")
         .config("spark.sql.shuffle.partitions", "8")
         .config("spark.sql.session.timeZone", "UTC")
-        .config("spark.driver.extraJavaOptions", "-Dlog4j2.level=warn")
+        .config("spark.driver.extraJavaOptions", _log_options())
     )
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel(sc["log_level"])
