@@ -6,6 +6,7 @@ failing fast (exit 2) lets cron's next tick pick the work up instead of piling r
 
 from __future__ import annotations
 
+import signal
 import threading
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from lookalike import db
 
 pytest_plugins = ["catalog_snapshot"]
 
-BUSY = "lookalike: another lookalike run is writing to this catalog; try again when it ends"
+BUSY = "lookalike: another lookalike run is writing to this catalog; try again when it ends (or pass --wait)"
 
 
 def writer_lock_holders(home: Path) -> int:
@@ -68,6 +69,34 @@ def test_second_run_exits_2_while_the_first_completes(reference: Reference, arch
         assert conn.execute("SELECT status FROM runs").fetchall() == [("ok",)]
         (loaded,), = conn.execute("SELECT count(*) FROM manifests WHERE status = 'loaded'").fetchall()
     assert loaded == -(-len(archive.sha256) // MANIFEST_FILES)
+
+
+@pytest.mark.slow
+def test_sigterm_fails_the_run_and_a_waiting_run_completes_it(archive: Archive, tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    first = lookalike_run(archive, home, tmp_path)
+    waiter = None
+    try:
+        first.wait_for(lambda line: line is not None and line.startswith("extract"), timeout=300)
+        waiter = lookalike_run(archive, home, tmp_path, "--wait")
+        waiter.wait_for(lambda line: line is not None and "waiting for it to end" in line, timeout=120)
+        first.proc.send_signal(signal.SIGTERM)  # what a scheduler's stop or systemd sends
+        assert first.wait(120) == 128 + signal.SIGTERM, first.tail()
+        assert any(line.startswith("lookalike: terminated by SIGTERM") for line in first.stderr), first.tail()
+        assert waiter.wait(600) == 0, waiter.tail()
+    finally:
+        first.kill()
+        if waiter is not None:
+            waiter.kill()
+    try:
+        snap = snapshot(home_config(home))
+        with catalog_uri(home_config(home)) as uri, psycopg.connect(uri, autocommit=True) as conn:
+            runs = conn.execute("SELECT status, message FROM runs ORDER BY run_id").fetchall()
+    finally:
+        stop_embedded_server(home)
+    assert [status for status, _ in runs] == ["failed", "ok"]
+    assert "terminated by SIGTERM" in runs[0][1]
+    archive.check(snap)  # the waiting run finished what the stopped one had begun
 
 
 def test_first_runs_on_a_fresh_catalog_agree_on_the_vector_type(home: Path,

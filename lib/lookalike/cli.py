@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import csv
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -22,6 +23,19 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
+def _wait(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--wait", action="store_true",
+                   help="when another run is writing to the catalog, wait for it instead of exiting")
+
+
+class Terminated(BaseException):
+    """SIGTERM (a scheduler's stop, systemd, kill): unwinds like Ctrl-C, so the run is marked failed."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated("terminated by SIGTERM; the next run resumes where this one stopped")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lookalike", description=(
         "Catalog an image archive: exact copies, near-duplicates and similarity categories."))
@@ -30,10 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="incremental run over image roots (only new files)")
     p.add_argument("roots", nargs="+", metavar="ROOT")
     p.add_argument("--retry-errors", action="store_true", help="retry files recorded in ingest_errors")
+    _wait(p)
     _common(p)
 
     p = sub.add_parser("recluster", help="re-embed every image from its thumbnail and cluster anew")
     p.add_argument("--model", help="switch to this model (default: the catalog's current one)")
+    _wait(p)
     _common(p)
 
     p = sub.add_parser("status", help="what the catalog holds and how the last runs ended")
@@ -61,7 +77,7 @@ def cmd_run(cfg: Config, args: argparse.Namespace) -> int:
     from lookalike.pipeline import run
 
     try:
-        summary = run(cfg, args.roots, retry_errors=args.retry_errors)
+        summary = run(cfg, args.roots, retry_errors=args.retry_errors, wait=args.wait)
     except psycopg.OperationalError as e:
         # The server went away mid-run: every finished stage's Parquet is kept under the home.
         raise db.CatalogUnavailable(f"lost the catalog during the run: {_first_line(e)} (finished stages "
@@ -73,7 +89,7 @@ def cmd_run(cfg: Config, args: argparse.Namespace) -> int:
 def cmd_recluster(cfg: Config, args: argparse.Namespace) -> int:
     from lookalike.recluster import recluster
 
-    print(recluster(cfg, args.model).describe())
+    print(recluster(cfg, args.model, wait=args.wait).describe())
     return 0
 
 
@@ -163,6 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:
         logging.getLogger("lookalike").setLevel(logging.INFO)
+    signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         cfg = load_config(args.config, args.home)
         return COMMANDS[args.command](cfg, args)
@@ -179,6 +196,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except Terminated as e:
+        print(f"lookalike: {e}", file=sys.stderr)
+        return 128 + signal.SIGTERM
 
 
 if __name__ == "__main__":

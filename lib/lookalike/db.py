@@ -19,6 +19,7 @@ import numpy as np
 import psycopg
 
 from lookalike.config import Config
+from lookalike.progress import say
 
 log = logging.getLogger(__name__)
 
@@ -166,12 +167,13 @@ def vector_from_db(value: object) -> np.ndarray:
 @contextmanager
 def writer_lock(conn: psycopg.Connection, wait: bool = False) -> Iterator[None]:
     """Hold the catalog's single-writer lock for the block; CatalogBusy if another run has it."""
-    if wait:
+    got = conn.execute("SELECT pg_try_advisory_lock(%s)", (WRITER_LOCK_KEY,)).fetchone()[0]
+    if not got and not wait:
+        raise CatalogBusy("another lookalike run is writing to this catalog; try again when it ends "
+                          "(or pass --wait)")
+    if not got:
+        say("another lookalike run is writing to this catalog: waiting for it to end")
         conn.execute("SELECT pg_advisory_lock(%s)", (WRITER_LOCK_KEY,))
-    else:
-        got = conn.execute("SELECT pg_try_advisory_lock(%s)", (WRITER_LOCK_KEY,)).fetchone()[0]
-        if not got:
-            raise CatalogBusy("another lookalike run is writing to this catalog; try again when it ends")
     try:
         yield
     finally:

@@ -272,14 +272,15 @@ class Runner:
         return [r[0] for r in rows]
 
 
-def run(cfg: Config, roots: list[str], retry_errors: bool = False) -> RunSummary:
-    """An incremental run over `roots`; resumes unfinished manifests first."""
+def run(cfg: Config, roots: list[str], retry_errors: bool = False, wait: bool = False) -> RunSummary:
+    """An incremental run over `roots`; resumes unfinished manifests first. With `wait`, waits for
+    a run already writing to the catalog instead of raising CatalogBusy."""
     started = time.monotonic()
     conn = db.connect(cfg)
     lock_conn = db.connect(cfg)
     try:
         vector_type = db.ensure_schema(conn)
-        with db.writer_lock(lock_conn):
+        with db.writer_lock(lock_conn, wait):
             summary = RunSummary()
             with conn.transaction():
                 # We hold the writer lock, so any run still marked running was killed.

@@ -38,7 +38,7 @@ class ReclusterSummary:
                 f"{self.embedded} embedded from thumbnails, {self.clusters} clusters ({self.seconds:.1f} s)")
 
 
-def recluster(cfg: Config, model: str | None = None) -> ReclusterSummary:
+def recluster(cfg: Config, model: str | None = None, wait: bool = False) -> ReclusterSummary:
     from lookalike.pipeline import Runner  # the Spark-side stages
 
     started = time.monotonic()
@@ -46,7 +46,7 @@ def recluster(cfg: Config, model: str | None = None) -> ReclusterSummary:
     lock_conn = db.connect(cfg)
     try:
         vector_type = db.ensure_schema(conn)
-        with db.writer_lock(lock_conn):
+        with db.writer_lock(lock_conn, wait):
             old_name = db.get_meta(conn, "active_model")
             old_ver = db.get_meta(conn, "active_model_ver")
             name = model or old_name or cfg["embed"]["model"]
