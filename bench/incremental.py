@@ -41,7 +41,8 @@ import numpy as np
 import psycopg
 
 from lookalike import db
-from lookalike.categories import read_vectors
+from lookalike.categories import fit_size_key
+from lookalike.vectors import read_vectors
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -142,6 +143,9 @@ def grow(home: Path, size: int, rng: np.random.Generator) -> str:
                                     seeds[s][4], folder + timedelta(seconds=k)))
             if model_ver is not None:
                 _grow_vectors(cur, model_ver, ids, pick, [r[0] for r in seeds], vector_type, rng)
+                # As if the clusters had been fitted at this size: batches must not trigger the
+                # full re-clustering a doubled catalog gets (categories.assign_new).
+                db.set_meta(conn, fit_size_key(model_ver), str(size))
             cur.execute("SELECT setval(pg_get_serial_sequence('images', 'image_id'), %s)", (int(ids[-1]),))
         conn.execute("VACUUM ANALYZE")
         (images,), = conn.execute("SELECT count(*) FROM images").fetchall()

@@ -49,7 +49,8 @@ def cluster_config(cfg: dict) -> ClusterConfig:
                          refit_growth=cfg["refit_growth"] or float("inf"))
 
 
-def _fit_size_key(model_ver: str) -> str:
+def fit_size_key(model_ver: str) -> str:
+    """catalog_meta key: how many vectors of model_ver its clusters were last fitted on."""
     return f"cluster_fit_images:{model_ver}"
 
 
@@ -100,7 +101,7 @@ def fit_and_write(cur: psycopg.Cursor, model_ver: str, ids: np.ndarray,
         sims.append(sim)
     _write_members(cur, model_ver, ids, cluster_ids[np.concatenate(labels)], np.concatenate(sims))
     cur.execute("DELETE FROM cluster_pool WHERE model_ver = %s", (model_ver,))
-    db.set_meta(cur.connection, _fit_size_key(model_ver), str(n))  # should_refit measures growth from here
+    db.set_meta(cur.connection, fit_size_key(model_ver), str(n))  # should_refit measures growth from here
     return ClusterCounts(joined=0, created=len(cluster_ids))
 
 
@@ -143,7 +144,7 @@ def assign_new(cur: psycopg.Cursor, model_ver: str, image_ids: np.ndarray, vecs:
     cluster_ids, centroids, sizes = _existing(cur, model_ver, vector_type)
     if len(cluster_ids) == 0:
         return fit_and_write(cur, model_ver, image_ids, lambda: [vecs], len(vecs), cfg, vector_type)
-    fitted_on = int(db.get_meta(cur.connection, _fit_size_key(model_ver)) or 0)
+    fitted_on = int(db.get_meta(cur.connection, fit_size_key(model_ver)) or 0)
     n_now = cur.execute("SELECT count(*) FROM image_embeddings WHERE model_ver = %s",
                         (model_ver,)).fetchone()[0]
     if should_refit(fitted_on, n_now, cfg):

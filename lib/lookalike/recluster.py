@@ -9,6 +9,7 @@ The switch also records how the old clusters map onto the new ones (cluster_tran
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass
 
@@ -80,6 +81,7 @@ def recluster(cfg: Config, model: str | None = None, wait: bool = False) -> Recl
                                            time.monotonic() - started)
                 cur.execute("UPDATE runs SET status = 'ok', finished_at = now(), summary = %s "
                             "WHERE run_id = %s", (json.dumps(vars(summary)), run_id))
+            shutil.rmtree(runner.layout.stages(f"recluster-{run_id:06d}"), ignore_errors=True)
             return summary
     finally:
         conn.close()
