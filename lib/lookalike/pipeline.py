@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
 from lookalike.categories import ClusterCounts, assign_new, cluster_config
 from lookalike.config import Config
 from lookalike.dedup import DedupCounts, DedupIndexes, NewImages, dedup, neardup_config
-from lookalike.embed import EMBED_DDL, EmbedSettings, embed_batches
+from lookalike.embed import EMBED_DDL, EmbedSettings, embed_batches, embed_tasks
 from lookalike.extract import ExtractSettings, extract_batches, prepare_thumbs_dir
 from lookalike.layout import Layout
 from lookalike.load import LoadCounts, copy_embeddings, load_manifest
@@ -210,7 +211,8 @@ class Runner:
         if not Layout.is_complete(out):
             settings = self._embedder_settings(spec)
             extract = ExtractSettings.from_config(self.cfg, self.layout.thumbs)
-            tasks = max(1, math.ceil(rows.num_rows / (4 * self.cfg["embed"]["batch_size"])))
+            tasks = embed_tasks(rows.num_rows, self.spark.sparkContext.defaultParallelism,
+                                settings.batch_size)
             with stage(f"embed {name}", rows.num_rows, self.spark):
                 df = self.spark.createDataFrame(rows.to_pandas(), schema="sha256 string, thumb string, "
                                                                          "path string")
@@ -260,6 +262,8 @@ class Runner:
         counts = load_manifest(self.conn, manifest_id, run_id, features, extra)
         if new is not None:
             self.indexes.commit(new)
+        # Loaded: the catalog holds it all (the embeddings stage alone is ~5 KB an image).
+        shutil.rmtree(self.layout.stages(manifest_id), ignore_errors=True)
         self.clusters.add(clusters)
         self.dups.add(dups)
         say(f"load {manifest_id}: {counts.new_images} new images, {counts.exact_copies} exact copies, "

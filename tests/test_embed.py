@@ -1,0 +1,97 @@
+"""The embed stage's worker side on real photos: exact preprocessing, batches, errors, task sizing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import IMAGENET, UKBENCH
+from PIL import Image
+
+from lookalike import models
+from lookalike.embed import ROWS_PER_TASK, EmbedSettings, embed_batches, embed_tasks, pixel_writer, task_cpus
+from lookalike.extract import ExtractSettings, extract_file
+
+pytestmark = pytest.mark.skipif(not IMAGENET.is_dir(), reason=f"real photos missing: {IMAGENET}")
+
+
+def real_images() -> list[Image.Image]:
+    """imagenet-dev photos (many sizes and aspect ratios), nd-ukbench's formats and modes, odd shapes."""
+    out = []
+    paths = sorted(IMAGENET.glob("*.JPEG"))[::5] + sorted(p for p in UKBENCH.rglob("*") if p.is_file())
+    for path in paths:
+        try:
+            with Image.open(path) as im:
+                im.load()
+                out.append(im)
+        except OSError:
+            continue  # nd-ukbench's deliberately broken files
+    odd = [Image.new("RGB", (1, 1), (9, 99, 199)), Image.new("RGB", (7, 300)), Image.new("L", (300, 7), 80)]
+    return out + odd
+
+
+@pytest.fixture(scope="module")
+def effnet() -> models.ModelSpec:
+    return models.resolve_model(models.EFFNET)
+
+
+def test_pixel_writer_is_bit_identical_to_the_reference_transform(effnet: models.ModelSpec) -> None:
+    """The stage's fast EfficientNet transform is models.preprocess_image exactly, not approximately."""
+    images = real_images()
+    assert len(images) > 100
+    for pp in (effnet.preprocess,
+               models.Preprocess("tf-efficientnet", (240, 240), (127.0,) * 3, (128.0,) * 3),
+               models.Preprocess("open_clip", (224, 224), models.OPENAI_MEAN, models.OPENAI_STD)):
+        write = pixel_writer(pp)
+        out = np.full((3, *pp.size), np.nan, np.float32)
+        for image in images:
+            write(image, out)
+            assert np.array_equal(out, models.preprocess_image(image, pp)), (pp.kind, image.mode, image.size)
+
+
+def test_embed_batches_vectors_and_errors(effnet: models.ModelSpec, tmp_path: Path) -> None:
+    extract = ExtractSettings(str(tmp_path / "thumbs"))
+    photos = sorted(IMAGENET.glob("*.JPEG"))[:: 83][:6]
+    features = [extract_file(str(p), extract) for p in photos]
+    rows = pd.DataFrame({"sha256": [f["sha256"] for f in features], "thumb": [f["thumb"] for f in features],
+                         "path": [f["path"] for f in features]})
+    thumbs = [Image.open(Path(extract.thumbs_dir) / t).convert("RGB") for t in rows["thumb"]]
+    (Path(extract.thumbs_dir) / rows["thumb"][1]).unlink()  # lost: re-derived from its original
+    (Path(extract.thumbs_dir) / rows["thumb"][4]).write_bytes(b"\xff\xd8 not a jpeg")  # corrupt
+    gone = pd.DataFrame({"sha256": ["0" * 64], "thumb": ["00/00/gone_512.jpg"], "path": ["/nonexistent.jpg"]})
+
+    settings = EmbedSettings(effnet, "torch", str(tmp_path / "models"), batch_size=2, threads=1)
+    # Batches of different sizes: the task's input array grows once and is reused.
+    out = pd.concat(embed_batches(iter([rows[:2], pd.concat([rows[2:], gone], ignore_index=True)]),
+                                  settings, extract), ignore_index=True)
+
+    assert len(out) == len(rows) + 1 and set(out["model_ver"]) == {effnet.model_ver}
+    failed = out[out["error"].notna()].set_index("sha256")
+    assert set(failed.index) == {rows["sha256"][4], "0" * 64} and set(failed["error"]) == {"embed"}
+    assert "original failed" in failed.loc["0" * 64, "message"]
+    ok = out[out["error"].isna()].set_index("sha256")
+    assert (Path(extract.thumbs_dir) / rows["thumb"][1]).is_file()
+    expected = models.get_embedder(effnet, backend="torch", threads=1).embed_images(
+        [im for i, im in enumerate(thumbs) if i != 4])
+    got = np.stack([ok.loc[sha, "vector"] for i, sha in enumerate(rows["sha256"]) if i != 4])
+    assert got.shape == (5, 1280) and got.dtype == np.float32
+    assert (got * expected).sum(1).min() >= 0.9999  # the reference pipeline's vectors
+
+
+@pytest.mark.parametrize(("rows", "cores", "batch", "tasks"), [
+    (0, 2, 32, 1),
+    (10, 64, 32, 1),          # never smaller than one model batch
+    (1500, 2, 32, 2),         # one wave: every core gets one task
+    (3000, 2, 32, 4),         # two full waves, not 3 tasks leaving a core idle at the end
+    (20000, 2, 32, 20),       # a full manifest: tasks of ~1000 images
+    (1500, 64, 32, 47),       # a large cluster: batch-sized tasks
+])
+def test_embed_tasks(rows: int, cores: int, batch: int, tasks: int) -> None:
+    assert embed_tasks(rows, cores, batch) == tasks
+    assert rows <= tasks * max(ROWS_PER_TASK, batch)
+
+
+def test_task_cpus_outside_spark() -> None:
+    assert task_cpus() == 1
