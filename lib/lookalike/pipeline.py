@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 from lookalike.categories import ClusterCounts, assign_new, cluster_config
 from lookalike.config import Config
 from lookalike.dedup import DedupCounts, DedupIndexes, NewImages, dedup, neardup_config
-from lookalike.embed import EMBED_DDL, EmbedSettings, embed_batches, embed_tasks
+from lookalike.embed import EMBED_DDL, EmbedSettings, embed_batches, embed_tasks, embeddings_table
 from lookalike.extract import ExtractSettings, extract_batches, prepare_thumbs_dir
 from lookalike.layout import Layout
 from lookalike.load import LoadCounts, copy_embeddings, load_manifest
@@ -214,11 +214,14 @@ class Runner:
             tasks = embed_tasks(rows.num_rows, self.spark.sparkContext.defaultParallelism,
                                 settings.batch_size)
             with stage(f"embed {name}", rows.num_rows, self.spark):
-                df = self.spark.createDataFrame(rows.to_pandas(), schema="sha256 string, thumb string, "
-                                                                         "path string")
-                df.repartition(tasks).mapInPandas(partial(embed_batches, settings=settings, extract=extract),
-                                                  schema=EMBED_DDL).write.mode("overwrite").parquet(str(out))
-        return pq.read_table(out)
+                # From Arrow, one partition per maxRecordsPerBatch rows; coalesce joins neighbouring
+                # ones into `tasks` without the shuffle stage a repartition costs.
+                df = self.spark.createDataFrame(rows.select(["sha256", "thumb", "path"]),
+                                                schema="sha256 string, thumb string, path string")
+                df.coalesce(tasks).mapInPandas(partial(embed_batches, settings=settings, extract=extract),
+                                               schema=EMBED_DDL).write.mode("overwrite") \
+                    .option("parquet.enable.dictionary", "false").parquet(str(out))  # all values distinct
+        return embeddings_table(pq.read_table(out))
 
     def new_images(self, features: pa.Table, spec: ModelSpec) -> pa.Table:
         """One row per decodable sha256 of the manifest that has no vector of `spec` yet."""
