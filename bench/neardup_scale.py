@@ -1,6 +1,7 @@
-"""Scale bench for lookalike.neardup: dedup a batch of new images against catalogs of 1M and 5M.
+"""Scale bench of the production dedup path: a batch of new images against catalogs of 1M and 5M.
 
     python bench/neardup_scale.py [--quick] [--sizes N ...] [--batch 10000] [--dim 1280]
+    python bench/neardup_scale.py --pg-fetch 100000            # stored-vector fetch from PostgreSQL
     python bench/neardup_scale.py --compare-hash [--sizes N]   # binary index types, exactness
     python bench/neardup_scale.py --compare-vector [--sizes N] # VectorIndex recall vs exact
     python bench/neardup_scale.py --calibrate ND_DIR           # distances per variant
@@ -18,10 +19,16 @@ Catalogs are drawn to look like a real archive, not uniform noise:
   are scene centre + within-scene noise; near-duplicates add the near-duplicate noise profile.
   (Cosines: unrelated median 0.23, same scene 0.72, near-duplicates 0.85-0.995, as measured.)
 
-Each size runs in two child processes so that figures are not mixed up: `build` generates the
-catalog chunk by chunk, adds it to the indexes and saves them; `query` loads the saved indexes
-(as production does), then times find_pairs on a batch of new images (30% planted
-near-duplicates of catalog images, some flipped or rotated) and reports peak RSS.
+Each size runs in two child processes so that figures are not mixed up. `build` generates the
+catalog chunk by chunk into the production indexes (dedup.new_vector_index, as a rebuild from
+the catalog makes them), saves them with DedupIndexes.save under <work>/index, and writes every
+catalog vector as float32 to a .npy file. `query` loads them with DedupIndexes.load, as a run
+does, and times dedup.find_pairs on a batch of new images (30% planted near-duplicates of
+catalog images, some flipped or rotated), then DedupIndexes.commit. find_pairs reads the stored
+vectors of candidates near min_cosine: PostgreSQL is stood in for by rows of that float32 file
+(a pread per vector, from page cache or disk; no SQL). What the real fetch costs per vector is
+measured apart with --pg-fetch (binary COPY from the embedded PostgreSQL); given --pg-ms, the
+summary adds it.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -40,12 +48,21 @@ import numpy as np
 from PIL import Image
 
 from lookalike import neardup as nd
+from lookalike.dedup import (
+    EXACT_UP_TO,
+    DedupIndexes,
+    NearDupConfig,
+    NewImages,
+    find_pairs,
+    new_vector_index,
+)
+from lookalike.neardup import TRAIN_SAMPLE
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 # --------------------------------------------------------------------------- realistic pHashes
 
-# numpy versions of neardup.DIHEDRAL on (..., H, W) arrays (checked against PIL in the tests'
+# numpy versions of hashing.DIHEDRAL on (..., H, W) arrays (checked against PIL in the tests'
 # spirit: identical pixels), so a crop's 8 orientations cost one DCT each, not a PIL transpose.
 _DIHEDRAL_NP = (
     lambda a: a,
@@ -255,8 +272,14 @@ def make_batch(model: EmbeddingModel, integrals: list[np.ndarray], pool: np.ndar
                                            np.zeros(n_fresh, np.float32)])}
 
 
+MODEL_VER = "bench"
+METHODS = ("phash", "phash_orient", "embedding")
+
+
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak resident memory so far (VmHWM)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
 
 
 def cpu_s() -> float:
@@ -264,8 +287,13 @@ def cpu_s() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def load_avg() -> float:
+    return os.getloadavg()[0]
+
+
 def build(n: int, dim: int, batch: int, work: Path, seed: int) -> dict:
-    """Generate a catalog of n images chunk by chunk into the indexes, save them and the batch."""
+    """Generate a catalog of n images chunk by chunk into the production indexes, save them as
+    DedupIndexes does, the float32 vectors beside them (PostgreSQL's stand-in), and the batch."""
     t0 = time.time()
     integrals = load_photo_integrals()
     rng = np.random.default_rng(seed)
@@ -275,91 +303,170 @@ def build(n: int, dim: int, batch: int, work: Path, seed: int) -> dict:
     partner_ids = np.sort(rng.choice(np.arange(1, min(POOL, n) + 1), batch // 4 + batch // 20, replace=False))
     partners = {"ids": partner_ids, "phash": np.zeros(len(partner_ids), np.int64),
                 "vecs": np.zeros((len(partner_ids), dim), np.float32)}
-    t_gen, t_add_hash, t_add_vec = time.time() - t0, 0.0, 0.0
-    hash_index = nd.HashIndex()
-    vector_index = nd.VectorIndex(dim, path=work / "vectors")
+    # The .npy header from numpy, the rows by pwrite: a memory map's dirty pages would count in
+    # this process's RSS (20 GB at 5M) and crowd the index out of page cache.
+    header = np.lib.format.open_memmap(work / "stored.npy", mode="w+", dtype=np.float32, shape=(n, dim))
+    offset = header.offset
+    del header
+    stored = os.open(work / "stored.npy", os.O_WRONLY)
+    # A rebuild from the catalog trains on every len // TRAIN_SAMPLE-th vector: as many photos.
+    sample = model.photos(rng.integers(0, len(model.centres), min(n, TRAIN_SAMPLE)), rng)
+    t_gen = time.time() - t0
     t = time.time()
-    sample = model.photos(rng.integers(0, len(model.centres), min(n, 64 * nd._default_nlist(n))), rng)
-    t_gen += time.time() - t
-    t = time.time()
-    vector_index.train(sample, expected_size=n)
+    folder = work / "index"
+    vectors = new_vector_index(DedupIndexes.vector_folder(folder, MODEL_VER), dim, n, sample)
     t_train = time.time() - t
     del sample
+    hashes = nd.HashIndex()
+    t_add_hash = t_add_vec = 0.0
     for start in range(0, n, CHUNK):
         t = time.time()
         ids, phash, vecs = catalog_chunk(model, pool, start, min(start + CHUNK, n), seed)
         sel = np.isin(partner_ids, ids)
         partners["phash"][sel] = phash[partner_ids[sel] - ids[0]]
         partners["vecs"][sel] = vecs[partner_ids[sel] - ids[0]]
+        os.pwrite(stored, np.ascontiguousarray(vecs, np.float32).tobytes(), offset + start * dim * 4)
         t_gen += time.time() - t
         t = time.time()
-        hash_index.add(ids, phash)
+        hashes.add(ids, phash)
         t_add_hash += time.time() - t
         t = time.time()
-        vector_index.add(ids, vecs)
+        vectors.add(ids, vecs)
         t_add_vec += time.time() - t
+    os.close(stored)
     t = time.time()
     new = make_batch(model, integrals, pool, partners, n, batch, seed)
     t_gen += time.time() - t
     t = time.time()
-    hash_index.save(work / "hashes.npz")
-    vector_index.save(work / "vectors")
+    DedupIndexes(folder, MODEL_VER, hashes, vectors).save()
     t_save = time.time() - t
     np.savez(work / "batch.npz", **new)
-    size_mb = sum(f.stat().st_size for f in work.rglob("*") if f.is_file() and f.name != "batch.npz") / 2**20
+    index_mb = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 2**20
     return {"n": n, "generate_s": t_gen, "train_vec_s": t_train, "add_hash_s": t_add_hash,
-            "add_vec_s": t_add_vec, "save_s": t_save, "disk_mb": size_mb, "nlist": vector_index.nlist,
-            "build_peak_rss_mb": peak_rss_mb()}
+            "add_vec_s": t_add_vec, "save_s": t_save, "index_disk_mb": index_mb,
+            "vector_index": type(vectors).__name__, "build_peak_rss_mb": peak_rss_mb()}
 
 
-def query(work: Path, cfg: nd.NearDupConfig) -> dict:
-    """Load the saved indexes, find the batch's pairs, check them against what was planted."""
-    t = time.time()
-    hash_index = nd.HashIndex.load(work / "hashes.npz")
-    vector_index = nd.VectorIndex.load(work / "vectors")
-    t_load = time.time() - t
+class FileVectors:
+    """PostgreSQL's stand-in for find_pairs' stored vectors: float32 rows of the .npy file (ids
+    are 1..n), one pread each, with what was asked for and how long it took counted. (Not a
+    memory map: its page faults map whole page-cache folios of a freshly written file into this
+    process, +1 GB of RSS for 2k rows, which a PostgreSQL server would not add here.)"""
+
+    def __init__(self, path: Path) -> None:
+        header = np.load(path, mmap_mode="r")  # only for the header: no row is touched
+        self._offset, self._row = header.offset, header.shape[1] * 4
+        del header
+        self._fd = os.open(path, os.O_RDONLY)
+        self.calls = self.vectors = 0
+        self.seconds = 0.0
+
+    def __call__(self, ids: np.ndarray) -> dict[int, np.ndarray]:
+        t = time.time()
+        ids = np.sort(np.asarray(ids, np.int64))
+        at = self._offset + (ids - 1) * self._row
+        found = {i: np.frombuffer(os.pread(self._fd, self._row, a), np.float32)
+                 for i, a in zip(ids.tolist(), at.tolist(), strict=True)}
+        self.calls += 1
+        self.vectors += len(ids)
+        self.seconds += time.time() - t
+        return found
+
+
+def query(work: Path, cfg: NearDupConfig, repeats: int) -> dict:
+    """Load the saved indexes as a run does, find the batch's pairs, check them against what was
+    planted, then commit the batch (add + save)."""
     b = dict(np.load(work / "batch.npz"))
+    new = NewImages(ids=b["ids"], phash=b["phash"], dihedral=b["dihedral"], vectors=b["vecs"],
+                    has_vector=np.ones(len(b["ids"]), bool))
+    t = time.time()
+    indexes = DedupIndexes.load(work / "index", MODEL_VER, new.vectors.shape[1])
+    t_load = time.time() - t
+    stored = FileVectors(work / "stored.npy")
     gc.collect()
     rss_loaded = peak_rss_mb()
-    t, c = time.time(), cpu_s()
-    pairs = nd.find_pairs(b["ids"], b["phash"], b["dihedral"], b["vecs"], hash_index, vector_index, cfg)
+    t, c, load = time.time(), cpu_s(), load_avg()
+    pairs = find_pairs(new, indexes.hashes, indexes.vectors, cfg, stored)
     t_find, c_find = time.time() - t, cpu_s() - c
-    out = {"n": len(hash_index) - len(b["ids"]), "batch": len(b["ids"]), "load_s": t_load,
-           "find_pairs_s": t_find,
-           "find_pairs_cpu_s": c_find, "rss_after_load_mb": rss_loaded, "peak_rss_mb": peak_rss_mb()}
-    out.update({f"pairs_{m}": int((pairs.method == m).sum()) for m in nd.METHODS})
-    # components, re-run on the now complete indexes (warm)
-    t = time.time()
-    hash_index.search_radius(b["phash"], cfg.phash_radius)
-    out["phash_search_s"] = time.time() - t
-    t = time.time()
-    hash_index.search_radius(b["dihedral"].reshape(-1), cfg.orient_radius)
-    out["orient_search_s"] = time.time() - t
-    t = time.time()
-    vector_index.search(b["vecs"], cfg.k + 1, cfg.min_cosine)
-    out["vector_search_s"] = time.time() - t
-    # planted pairs: found by any method / by the method that should find them
+    out = {"n": len(indexes.hashes), "batch": len(new.ids), "index": type(indexes.vectors).__name__,
+           "load_s": t_load, "find_pairs_s": t_find, "find_pairs_cpu_s": c_find,
+           "load_avg_before": load, "load_avg_after": load_avg(),
+           "rss_after_load_mb": rss_loaded, "peak_rss_mb": peak_rss_mb(),
+           "stored_fetches": stored.calls, "stored_vectors": stored.vectors, "stored_s": stored.seconds}
+    # The same batch again (the indexes now in page cache), to see through the shared cores' noise.
+    again = []
+    for _ in range(repeats):
+        t, load = time.time(), load_avg()
+        find_pairs(new, indexes.hashes, indexes.vectors, cfg, stored)
+        again.append(f"{time.time() - t:.2f}s@{load:.2f}")
+    out["again"] = " ".join(again)
+    out.update({f"pairs_{m}": int((pairs.method == m).sum()) for m in METHODS})
+    # planted pairs: found by the method that should find them, and by any
     found = set(zip(pairs.image_id, pairs.other_id, pairs.method, strict=True))
     dup, rot = b["kind"] == "dup", b["kind"] == "rot"
     key = [(int(p), int(i)) for p, i in zip(b["partner"], b["ids"], strict=True)]
     ham = hamming(b["phash"], b["partner_phash"])
     want_ph = dup & (ham <= cfg.phash_radius)
     want_emb = (dup | rot) & (b["partner_cos"] >= cfg.min_cosine)
-    got = {m: np.array([(*k, m) in found for k in key]) for m in nd.METHODS}
+    got = {m: np.array([(*k, m) in found for k in key]) for m in METHODS}
     out["planted_phash_recall"] = got["phash"][want_ph].mean()
     ham_orient = hamming(b["dihedral"], b["partner_phash"][:, None]).min(axis=1)
     want_orient = rot & (ham_orient <= cfg.orient_radius)
     out["planted_orient_recall"] = (got["phash_orient"] | got["phash"])[want_orient].mean()
     out["planted_embedding_recall"] = got["embedding"][want_emb].mean()
-    out["planted_any_recall"] = np.logical_or.reduce([got[m] for m in nd.METHODS])[dup | rot].mean()
-    # pHash pairs that nobody planted: chance collisions of unrelated photos, per new image
+    out["planted_any_recall"] = np.logical_or.reduce([got[m] for m in METHODS])[dup | rot].mean()
+    # pHash pairs that nobody planted (chance collisions of unrelated photos), per new image
     planted = {k for k, d in zip(key, dup | rot, strict=True) if d}
-    ph = pairs[pairs.method == "phash"]
-    out["unplanted_phash_pairs_per_image"] = sum(
-        (a, b_) not in planted and (b_, a) not in planted
-        for a, b_ in zip(ph.image_id, ph.other_id, strict=True)
-    ) / len(b["ids"])
+    for m in ("phash", "phash_orient"):
+        ph = pairs[pairs.method == m]
+        chance = sum((a, b_) not in planted for a, b_ in zip(ph.image_id, ph.other_id, strict=True))
+        out[f"unplanted_{m}_per_image"] = chance / len(new.ids)
+    t = time.time()
+    indexes.commit(new)
+    out["commit_s"] = time.time() - t
+    out["peak_rss_with_commit_mb"] = peak_rss_mb()
     return out
+
+
+def pg_fetch(n: int, dim: int, seed: int) -> None:
+    """The stored-vector fetch find_pairs makes (dedup.stored_vectors: binary COPY by image_id),
+    timed against an embedded PostgreSQL catalog of n random vectors."""
+    from lookalike import db
+    from lookalike.config import load_config
+    from lookalike.dedup import stored_vectors
+
+    rng = np.random.default_rng(seed)
+    with tempfile.TemporaryDirectory(prefix="neardup_pg_") as home:
+        cfg = load_config(None, home)
+        conn = db.connect(cfg)
+        vt = db.ensure_schema(conn)
+        t = time.time()
+        with conn.transaction(), conn.cursor() as cur:
+            with cur.copy("COPY images (image_id, sha256, width, height, format, bytes, thumb_path) "
+                          "FROM STDIN") as copy:
+                for i in range(1, n + 1):
+                    copy.write_row((i, f"{i:064x}", 1, 1, "JPEG", 1, "x"))
+            with cur.copy("COPY image_embeddings (image_id, model_ver, embedding) FROM STDIN "
+                          "(FORMAT BINARY)") as copy:
+                copy.set_types(["int8", "text", vt])
+                for start in range(1, n + 1, CHUNK):
+                    vecs = nd_normalize(rng.standard_normal((min(CHUNK, n + 1 - start), dim), np.float32))
+                    for j, v in enumerate(vecs):
+                        copy.write_row((start + j, MODEL_VER, db.vector_to_db(v, vt)))
+        conn.execute("VACUUM ANALYZE image_embeddings")
+        print(f"embedded PostgreSQL catalog of {n:,} x {dim} vectors (column type {vt}) "
+              f"in {time.time() - t:.0f}s")
+        for m in (100, 1000, 10_000):
+            ids = np.sort(rng.choice(np.arange(1, n + 1), m, replace=False))
+            with conn.cursor() as cur:
+                fetch = stored_vectors(cur, MODEL_VER, vt)
+                t, load = time.time(), load_avg()
+                got = fetch(ids)
+                dt = time.time() - t
+            assert len(got) == m
+            print(f"  fetch {m:>6,} stored vectors: {dt:6.3f}s = {dt / m * 1e3:.3f} ms/vector "
+                  f"(load average {load:.2f})")
+        conn.close()
 
 
 # --------------------------------------------------------------------------- index comparisons
@@ -530,7 +637,7 @@ def compare_vector(n: int, dim: int, nq: int, n_truth: int, seed: int) -> None:
         rows = np.repeat(np.arange(n_truth), k)
         ok = cand.reshape(-1) >= 0
         print("    nprobe=4 no re-rank (compressed cosines) | " + " | ".join(
-            score(rows[ok], vi._row_ids[cand.reshape(-1)[ok]], approx.reshape(-1)[ok], th)
+            score(rows[ok], vi.ids[cand.reshape(-1)[ok]], approx.reshape(-1)[ok], th)
             for th in (0.85, 0.9, 0.95)))
         del vi
 
@@ -567,7 +674,7 @@ def calibrate(nd_dir: Path) -> None:
     import pandas as pd
 
     from lookalike.extract import ExtractSettings, decode_thumbnail
-    from lookalike.hashing import image_hashes
+    from lookalike.hashing import dihedral_phashes, image_hashes
     from lookalike.models import get_embedder, resolve_model
 
     truth = pd.read_csv(nd_dir / "truth.csv", keep_default_na=False)
@@ -577,7 +684,7 @@ def calibrate(nd_dir: Path) -> None:
     for start in range(0, len(truth), 64):
         thumbs = [decode_thumbnail(nd_dir / p, settings)[0] for p in truth.path[start : start + 64]]
         phash += [image_hashes(t)["phash"] for t in thumbs]
-        dihedral += [nd.dihedral_phashes(t) for t in thumbs]
+        dihedral += [dihedral_phashes(t) for t in thumbs]
         vecs.append(embedder.embed_images(thumbs))
     phash, dihedral, emb = np.array(phash, np.int64), np.array(dihedral, np.int64), np.concatenate(vecs)
     orig = {b: i for i, (b, v) in enumerate(zip(truth.base, truth.variant, strict=True)) if v == "orig"}
@@ -643,6 +750,10 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=1280, help="embedding dimension (1280 EfficientNet, 512 CLIP)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per child process")
+    ap.add_argument("--repeats", type=int, default=2, help="timed find_pairs runs after the first")
+    ap.add_argument("--pg-ms", type=float, help="ms per stored vector fetched from PostgreSQL (from "
+                    "--pg-fetch): the summary adds the fetches' cost at that rate")
+    ap.add_argument("--pg-fetch", type=int, metavar="N", help="time the stored-vector fetch from PostgreSQL")
     ap.add_argument("--compare-hash", action="store_true", help="compare FAISS binary index types")
     ap.add_argument("--compare-vector", action="store_true", help="VectorIndex recall vs exact search")
     ap.add_argument("--calibrate", type=Path, metavar="ND_DIR", help="distances per variant")
@@ -651,10 +762,16 @@ def main() -> None:
     a = ap.parse_args()
     sizes = a.sizes or ([50_000, 250_000] if a.quick else [1_000_000, 5_000_000])
     batch = a.batch or (2_000 if a.quick else 10_000)
+    from lookalike.config import load_config
+    from lookalike.dedup import neardup_config
+
+    cfg = neardup_config(load_config()["neardup"])  # the defaults of conf/lookalike.toml
     if a.child == "build":
         print(json.dumps(build(sizes[0], a.dim, batch, a.work, a.seed)))
     elif a.child == "query":
-        print(json.dumps(query(a.work, nd.NearDupConfig())))
+        print(json.dumps(query(a.work, cfg, a.repeats)))
+    elif a.pg_fetch:
+        pg_fetch(a.pg_fetch, a.dim, a.seed)
     elif a.calibrate:
         calibrate(a.calibrate)
         chance_match_rates(8_000 if a.quick else 30_000, a.seed)
@@ -663,28 +780,39 @@ def main() -> None:
     elif a.compare_vector:
         compare_vector(sizes[0], a.dim, batch, 200 if a.quick else 1000, a.seed)
     else:
-        cfg = nd.NearDupConfig()
-        print(f"find_pairs of {batch:,} new images (dim {a.dim}) against catalogs of {sizes}; {cfg}")
+        print(f"dedup.find_pairs of {batch:,} new images (dim {a.dim}) against catalogs of {sizes} "
+              f"(exact vector index up to {EXACT_UP_TO:,}); {cfg}; {os.cpu_count()} cores", flush=True)
         results = []
         for n in sizes:
             with tempfile.TemporaryDirectory(prefix="neardup_bench_") as work:
                 common = ["--sizes", str(n), "--batch", str(batch), "--dim", str(a.dim),
-                          "--seed", str(a.seed), "--work", work]
+                          "--seed", str(a.seed), "--repeats", str(a.repeats), "--work", work]
                 built = run_child(["--child", "build", *common], a.timeout)
-                print(f"  built {n:,}: {json.dumps({k: round(v, 2) for k, v in built.items()})}", flush=True)
+                print(f"  built {n:,}: {json.dumps(_rounded(built, 2))}", flush=True)
                 res = run_child(["--child", "query", *common], a.timeout)
-                print(f"  query {n:,}: {json.dumps({k: round(v, 3) for k, v in res.items()})}", flush=True)
+                print(f"  query {n:,}: {json.dumps(_rounded(res, 3))}", flush=True)
                 results.append(res)
-        print(f"{'catalog':>10} {'find_pairs s':>12} {'cpu s':>7} {'peak RSS MB':>11} {'load s':>7} "
-              f"{'phash':>6} {'orient':>6} {'embed':>6}")
+        print(f"{'catalog':>10} {'find_pairs s':>12} {'cpu s':>6} {'load avg':>8} {'peak RSS MB':>11} "
+              f"{'open s':>6} {'commit s':>8} {'fetched':>7} {'phash':>6} {'orient':>6} {'embed':>6} "
+              f"{'recall':>6}")
         for r in results:
-            print(f"{r['n']:>10,} {r['find_pairs_s']:>12.2f} {r['find_pairs_cpu_s']:>7.2f} "
-                  f"{r['peak_rss_mb']:>11.0f} {r['load_s']:>7.2f} {r['pairs_phash']:>6} "
-                  f"{r['pairs_phash_orient']:>6} {r['pairs_embedding']:>6}")
+            print(f"{r['n']:>10,} {r['find_pairs_s']:>12.2f} {r['find_pairs_cpu_s']:>6.2f} "
+                  f"{r['load_avg_before']:>8.2f} {r['peak_rss_mb']:>11.0f} {r['load_s']:>6.2f} "
+                  f"{r['commit_s']:>8.2f} {r['stored_vectors']:>7} {r['pairs_phash']:>6} "
+                  f"{r['pairs_phash_orient']:>6} {r['pairs_embedding']:>6} {r['planted_any_recall']:>6.3f}")
+            print(f"{'':>10} find_pairs again (s@load average): {r['again']}")
+            if a.pg_ms:
+                with_pg = r["find_pairs_s"] - r["stored_s"] + r["stored_vectors"] * a.pg_ms / 1e3
+                print(f"{'':>10} the {r['stored_vectors']} stored vectors from PostgreSQL at {a.pg_ms} ms "
+                      f"each instead of the file: {with_pg:.2f} s")
         if len(results) > 1:
             print(f"time ratio {results[-1]['n']:,} / {results[0]['n']:,}: "
                   f"{results[-1]['find_pairs_s'] / results[0]['find_pairs_s']:.2f}x wall, "
                   f"{results[-1]['find_pairs_cpu_s'] / results[0]['find_pairs_cpu_s']:.2f}x cpu")
+
+
+def _rounded(d: dict, digits: int) -> dict:
+    return {k: round(v, digits) if isinstance(v, float) else v for k, v in d.items()}
 
 
 if __name__ == "__main__":

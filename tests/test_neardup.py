@@ -1,17 +1,15 @@
-"""lookalike.neardup: exact Hamming-radius search, flip/rotation hashes, pairs and groups."""
+"""lookalike.neardup: exact Hamming-radius search and the vector indexes, with persistence."""
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
-import imagehash
 import numpy as np
-import pandas as pd
 import pytest
 from PIL import Image
 
 from lookalike import neardup as nd
+from lookalike.hashing import image_hashes
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 PHOTOS = sorted((DATA / "imagenet-dev").glob("*.JPEG"))
@@ -26,26 +24,8 @@ def thumb(path: Path, size: int = 512) -> Image.Image:
     return rgb
 
 
-def reencode(im: Image.Image, scale: float = 1.0, quality: int = 75) -> Image.Image:
-    """A near-duplicate: resized, then JPEG-compressed."""
-    if scale != 1.0:
-        im = im.resize((round(im.width * scale), round(im.height * scale)), Image.Resampling.LANCZOS)
-    buf = io.BytesIO()
-    im.save(buf, "JPEG", quality=quality)
-    buf.seek(0)
-    return Image.open(buf).convert("RGB")
-
-
 def phash(im: Image.Image) -> int:
-    return nd.to_signed64(int(str(imagehash.phash(im)), 16))
-
-
-def stand_in_embedding(im: Image.Image) -> np.ndarray:
-    """The test's embedding: a 16x16 colour thumbnail, centred and L2-normalised. Like a model's,
-    it barely moves under resizing and recompression and differs between photos."""
-    v = np.asarray(im.resize((16, 16), Image.Resampling.BOX), np.float32).ravel()
-    v -= v.mean()
-    return v / np.linalg.norm(v)
+    return image_hashes(im)["phash"]
 
 
 def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -58,10 +38,7 @@ def real_hashes() -> np.ndarray:
     return np.array([phash(thumb(p, 128)) for p in PHOTOS[:200]], np.int64)
 
 
-def test_signed_conversion_and_bytes() -> None:
-    assert nd.to_signed64(0xFFFFFFFFFFFFFFFF) == -1
-    assert nd.to_signed64(1 << 63) == -(1 << 63)
-    assert nd.to_signed64(12345) == 12345
+def test_hash_bytes() -> None:
     codes = nd.hash_to_bytes(np.array([1, -1, 1 << 62], np.int64))
     assert codes.shape == (3, 8) and codes.dtype == np.uint8
     assert codes[0].tolist() == [1, 0, 0, 0, 0, 0, 0, 0]  # little-endian: the top (DC) bit comes last
@@ -103,100 +80,6 @@ def test_hash_index_add_is_idempotent_and_roundtrips(real_hashes: np.ndarray, tm
         np.testing.assert_array_equal(a, b)
 
 
-def test_dihedral_phashes() -> None:
-    img = thumb(PHOTOS[0])
-    dihedral = nd.dihedral_phashes(img)
-    assert len(dihedral) == 7 and all(-(1 << 63) <= h < 1 << 63 for h in dihedral)
-    # exactly imagehash's pHash of each transform, in DIHEDRAL order
-    assert dihedral == [phash(img.transpose(t)) for t in nd.DIHEDRAL]
-    # a mirrored / rotated copy, recompressed, has its own pHash next to the matching entry
-    for t in (Image.Transpose.FLIP_LEFT_RIGHT, Image.Transpose.ROTATE_90):
-        copy = phash(reencode(img.transpose(t), 0.8))
-        d = hamming(np.array(dihedral, np.int64), np.array([copy], np.int64))
-        assert d[nd.DIHEDRAL.index(t)] <= 4
-        assert d.min() == d[nd.DIHEDRAL.index(t)]
-    own = np.array([phash(img)], np.int64)
-    assert hamming(np.array(dihedral, np.int64), own).min() > 8  # a photo is not its own mirror image
-    other = np.array(nd.dihedral_phashes(thumb(PHOTOS[1])), np.int64)
-    assert hamming(other, own).min() > 8
-
-
-def features(images: list[Image.Image]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    return (np.array([phash(im) for im in images], np.int64),
-            np.array([nd.dihedral_phashes(im) for im in images], np.int64),
-            np.stack([stand_in_embedding(im) for im in images]))
-
-
-@pytest.fixture(scope="module")
-def photos() -> list[Image.Image]:
-    return [thumb(p, 256) for p in PHOTOS[:60]]
-
-
-def make_indexes(photos: list[Image.Image]) -> tuple[nd.HashIndex, nd.VectorIndex]:
-    """A catalog of the first 50 photos, image ids 1..50."""
-    ph, _, vecs = features(photos[:50])
-    ids = np.arange(1, 51)
-    vector_index = nd.VectorIndex(vecs.shape[1])
-    vector_index.add(ids, vecs)
-    return nd.HashIndex(ids, ph), vector_index
-
-
-def test_find_pairs(photos: list[Image.Image]) -> None:
-    hash_index, vector_index = make_indexes(photos)
-    new = [photos[0].copy(),                                # 101: exact copy of 1 (other bytes)
-           reencode(photos[1], 0.5, 60),                    # 102: near-duplicate of 2
-           reencode(photos[2].transpose(Image.Transpose.FLIP_LEFT_RIGHT)),  # 103: mirror of 3
-           photos[55],                                      # 104: unrelated, new
-           photos[56], reencode(photos[56], 0.7)]           # 105, 106: new near-duplicates
-    new_ids = np.arange(101, 107)
-    ph, dih, vecs = features(new)
-    pairs = nd.find_pairs(new_ids, ph, dih, vecs, hash_index, vector_index, nd.NearDupConfig())
-    assert list(pairs.columns) == ["image_id", "other_id", "method", "distance"]
-    got = {(a, b, m) for a, b, m in zip(pairs.image_id, pairs.other_id, pairs.method, strict=True)}
-    assert {(1, 101, "phash"), (1, 101, "embedding"), (2, 102, "phash"), (2, 102, "embedding"),
-            (3, 103, "phash_orient"), (105, 106, "phash"), (105, 106, "embedding")} <= got
-    assert not (pairs[["image_id", "other_id"]] == 104).any().any()  # the unrelated photo
-    assert (pairs.image_id < pairs.other_id).all()
-    assert not pairs.duplicated(["image_id", "other_id", "method"]).any()
-    exact = pairs[(pairs.image_id == 1) & (pairs.other_id == 101)].set_index("method").distance
-    assert exact["phash"] == 0 and exact["embedding"] < 1e-2
-    assert len(hash_index) == len(vector_index) == 56
-    # a retried batch adds nothing and finds the same pairs
-    again = nd.find_pairs(new_ids, ph, dih, vecs, hash_index, vector_index, nd.NearDupConfig())
-    pd.testing.assert_frame_equal(again, pairs)
-    assert len(hash_index) == len(vector_index) == 56
-
-
-def test_find_pairs_drops_hash_collisions_of_unrelated_photos(photos: list[Image.Image]) -> None:
-    """A pHash within radius but an unrelated embedding is a chance collision: dropped when
-    embeddings are at hand, kept when they are not."""
-    hash_index, vector_index = make_indexes(photos)
-    ph, dih, vecs = features([photos[57]])
-    bits = np.random.default_rng(0).choice(63, 5, replace=False)
-    catalog_hash = int(features([photos[4]])[0][0])  # image 5, a different photo
-    ph = np.array([nd.to_signed64(catalog_hash ^ sum(1 << int(b) for b in bits))], np.int64)
-    cfg = nd.NearDupConfig()
-    pairs = nd.find_pairs(np.array([201]), ph, dih, None, hash_index, None, cfg)
-    assert ((pairs.image_id == 5) & (pairs.other_id == 201) & (pairs.method == "phash")).any()
-    hash_index, vector_index = make_indexes(photos)
-    pairs = nd.find_pairs(np.array([201]), ph, dih, vecs, hash_index, vector_index, cfg)
-    assert not ((pairs.image_id == 5) & (pairs.other_id == 201)).any()
-
-
-def test_merge_groups_incremental() -> None:
-    existing = pd.DataFrame({"image_id": [1, 2, 5, 6, 9, 10], "group_id": [1, 1, 5, 5, 9, 9]})
-    pairs = pd.DataFrame({"image_id": [2, 6, 9, 30], "other_id": [7, 7, 10, 31],
-                          "method": ["phash", "embedding", "phash", "phash"],
-                          "distance": [1.0, 0.05, 0.0, 2.0]})
-    out = nd.merge_groups(pairs, existing)
-    # 7 bridges {1, 2} and {5, 6}: all become group 1; 9-10 is unchanged; 30-31 is a new group
-    assert out.to_dict("list") == {"image_id": [5, 6, 7, 30, 31], "group_id": [1, 1, 1, 30, 30]}
-    assert nd.merge_groups(pairs.iloc[:0], existing).empty
-    first = nd.merge_groups(pairs, existing.iloc[:0])
-    assert first.to_dict("list") == {"image_id": [2, 6, 7, 9, 10, 30, 31],
-                                     "group_id": [2, 2, 2, 9, 9, 30, 30]}
-
-
 def test_vector_index_recall_and_roundtrip(tmp_path: Path) -> None:
     """Clustered 256-d vectors with a decaying spectrum like real embeddings', projected to 64
     dims in 32 lists: the re-ranked cosines are the exact ones (up to 8-bit codes) and every
@@ -227,6 +110,14 @@ def test_vector_index_recall_and_roundtrip(tmp_path: Path) -> None:
     found = set(zip(rows.tolist(), matched.tolist(), strict=True))
     assert all((q, ids[q]) in found or per_query[q] == 5 for q in range(200))
     np.testing.assert_allclose(cos, exact[rows, (matched - 7) // 3], atol=0.01)
+    # among a batch of its own: candidates from the projection, the exact flat scan's pairs
+    batch = np.concatenate([queries, vecs[:200]])
+    got = index.search_among(batch, 5, 0.7)
+    want = nd.ExactVectorIndex.search_among(batch, 5, 0.7)
+    assert len(want[0]) > 300
+    assert set(zip(got[0].tolist(), got[1].tolist(), strict=True)) == set(
+        zip(want[0].tolist(), want[1].tolist(), strict=True))
+    np.testing.assert_allclose(np.sort(got[2]), np.sort(want[2]), atol=1e-5)
     index.save(tmp_path / "vi")
     loaded = nd.VectorIndex.load(tmp_path / "vi")
     for a, b in zip(index.search(queries, 5, 0.7), loaded.search(queries, 5, 0.7), strict=True):
@@ -235,7 +126,10 @@ def test_vector_index_recall_and_roundtrip(tmp_path: Path) -> None:
     loaded.add(np.array([1]), queries[:1])
     assert len(loaded) == n + 1
     assert len(nd.VectorIndex.load(tmp_path / "vi")) == n
-    assert np.isnan(loaded.pair_cosine(np.array([1, 2]), np.array([7, 7]))[1])
+    # cosines with the stored codes, by id; NaN for an id not indexed
+    cos = loaded.cosine_with(np.array([10, 2, 13]), np.stack([queries[0], queries[0], vecs[2]]))
+    np.testing.assert_allclose(cos[[0, 2]], [queries[0] @ vecs[1], 1.0], atol=0.01)
+    assert np.isnan(cos[1])
 
 
 def test_vector_index_grows_from_a_small_start() -> None:
@@ -255,3 +149,32 @@ def test_vector_index_grows_from_a_small_start() -> None:
     np.testing.assert_array_equal(rows, np.arange(100))
     np.testing.assert_array_equal(matched, np.arange(0, n, 60))
     np.testing.assert_allclose(cos, (queries * vecs[::60]).sum(1), atol=0.01)
+
+
+def test_exact_vector_index_search_roundtrip_and_uncommitted_rows(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    vecs = rng.standard_normal((500, 32)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    ids = np.arange(500) * 2 + 1
+    index = nd.ExactVectorIndex(32, path=tmp_path / "ex")
+    assert index.add(ids[:300], vecs[:300]) == 300
+    assert index.add(ids[200:], vecs[200:]) == 200  # known ids are skipped
+    queries = vecs[:50] + 0.05 * rng.standard_normal((50, 32)).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    rows, matched, cos = index.search(queries, 3, 0.5)
+    exact = queries @ vecs.T
+    want = {(q, int(ids[j])) for q in range(50) for j in np.argsort(-exact[q])[:3] if exact[q, j] >= 0.5}
+    assert set(zip(rows.tolist(), matched.tolist(), strict=True)) == want
+    np.testing.assert_allclose(cos, exact[rows, (matched - 1) // 2], atol=1e-5)
+    assert index.cosine_error == 0
+    np.testing.assert_allclose(index.cosine_with(ids[:5], queries[:5]), exact[np.arange(5), np.arange(5)],
+                               atol=1e-5)
+    assert np.isnan(index.cosine_with(np.array([2]), queries[:1])[0])
+    index.save(tmp_path / "ex")
+    saved = index.search(queries, 3, 0.5)
+    index.add(np.array([2]), vecs[:1])  # appended to the rows file, never committed
+    loaded = nd.ExactVectorIndex.load(tmp_path / "ex")
+    assert len(loaded) == 500 and not (loaded.ids == 2).any()
+    np.testing.assert_array_equal(loaded.vectors(), vecs)
+    for a, b in zip(saved, loaded.search(queries, 3, 0.5), strict=True):
+        np.testing.assert_array_equal(a, b)

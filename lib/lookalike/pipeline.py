@@ -251,12 +251,13 @@ class Runner:
 
         clusters, dups = ClusterCounts(), DedupCounts()
         new: NewImages | None = None
+        indexes = self.indexes  # opened before the load's transaction: synced to committed rows only
 
         def extra(cur: psycopg.Cursor, inserted: dict[str, int]) -> None:
             nonlocal new
             copy_embeddings(cur, embeddings, self.vector_type, run_id)
             new = new_images_for_dedup(features, embeddings, inserted, spec.dim)
-            dups.add(dedup(cur, self.indexes, new, neardup_config(self.cfg["neardup"]), spec.model_ver,
+            dups.add(dedup(cur, indexes, new, neardup_config(self.cfg["neardup"]), spec.model_ver,
                            self.vector_type))
             ids, vecs = embedded_ids(cur, embeddings)
             clusters.add(assign_new(cur, spec.model_ver, ids, vecs, cluster_config(self.cfg["cluster"]),
