@@ -314,7 +314,7 @@ def test_indexes_persist_catch_up_and_grow(cfg: Config, tmp_path: Path,
         def no_rebuild(*_: object) -> None:
             raise AssertionError("rebuilt from the catalog")
 
-        monkeypatch.setattr(dedup, "spill_vectors", no_rebuild)
+        monkeypatch.setattr(dedup, "spilled_vectors", no_rebuild)
         second = add_to_catalog(conn, range(201, 251), rng, dim, vt)
         idx.commit(second)
         assert len(DedupIndexes.open(conn, folder, "m", dim, vt).vectors) == 250  # loaded as saved

@@ -26,7 +26,7 @@ from lookalike.clustering import (
 )
 from lookalike.db import vector_to_db
 from lookalike.progress import say
-from lookalike.vectors import chunks, read_vectors, spill_vectors
+from lookalike.vectors import chunks, read_vectors, spilled_vectors
 
 
 @dataclass
@@ -109,20 +109,24 @@ def refit(cur: psycopg.Cursor, model_ver: str, cfg: ClusterConfig, vector_type: 
           scratch: Path) -> ClusterCounts:
     """A full clustering of every vector of model_ver in place of its clusters (same transaction);
     how the old clusters map onto the new ones goes to cluster_transitions."""
-    before = dict(cur.execute("SELECT image_id, cluster_id FROM image_cluster WHERE model_ver = %s",
-                              (model_ver,)).fetchall())
-    ids, vectors = spill_vectors(cur.connection, model_ver, vector_type, scratch)
-    cur.execute("DELETE FROM clusters WHERE model_ver = %s", (model_ver,))  # cascades to image_cluster
-    counts = fit_and_write(cur, model_ver, ids, lambda: chunks(vectors), len(ids), cfg, vector_type)
+    before = assignment(cur, model_ver)
+    with spilled_vectors(cur.connection, model_ver, vector_type, scratch) as (ids, vectors):
+        cur.execute("DELETE FROM clusters WHERE model_ver = %s", (model_ver,))  # cascades to image_cluster
+        counts = fit_and_write(cur, model_ver, ids, lambda: chunks(vectors), len(ids), cfg, vector_type)
     record_transitions(cur, model_ver, before, model_ver)
     counts.refits = 1
     return counts
 
 
+def assignment(cur: psycopg.Cursor, model_ver: str) -> dict[int, int]:
+    """image_id -> cluster_id of every image with a row for model_ver."""
+    return dict(cur.execute("SELECT image_id, cluster_id FROM image_cluster WHERE model_ver = %s",
+                            (model_ver,)).fetchall())
+
+
 def record_transitions(cur: psycopg.Cursor, old_ver: str, before: dict[int, int], new_ver: str) -> None:
     """Overlap counts between the clusters images had before (`before`) and the ones they have now."""
-    after = dict(cur.execute("SELECT image_id, cluster_id FROM image_cluster WHERE model_ver = %s",
-                             (new_ver,)).fetchall())
+    after = assignment(cur, new_ver)
     shared = sorted(set(before) & set(after))
     if not shared:
         return

@@ -22,7 +22,7 @@ from scipy.sparse.csgraph import connected_components
 
 from lookalike.neardup import TRAIN_SAMPLE, ExactVectorIndex, HashIndex, VectorIndex
 from lookalike.progress import say
-from lookalike.vectors import VECTOR_CHUNK, chunks, read_vectors, spill_vectors
+from lookalike.vectors import VECTOR_CHUNK, chunks, read_vectors, spilled_vectors
 
 # Up to this many vectors the search is exact (a flat index, 256 MB at 1280-d); beyond, the
 # compressed VectorIndex, whose projection and quantiser need that much data to be trained well.
@@ -307,17 +307,13 @@ class DedupIndexes:
     def _rebuild_vectors(self, conn: psycopg.Connection, vector_type: str) -> None:
         folder = self.vector_folder(self.folder, self.model_ver)
         shutil.rmtree(folder, ignore_errors=True)
-        ids, vecs = spill_vectors(conn, self.model_ver, vector_type, self.folder / "scratch")
-        try:
+        with spilled_vectors(conn, self.model_ver, vector_type, self.folder / "scratch") as (ids, vecs):
             self.vectors = new_vector_index(folder, self.vectors.dim, len(ids),  # trained on a view
                                             vecs[::max(1, len(ids) // TRAIN_SAMPLE)])
             start = 0
             for chunk in chunks(vecs):
                 self.vectors.add(ids[start:start + len(chunk)], chunk)
                 start += len(chunk)
-        finally:
-            del vecs
-            shutil.rmtree(self.folder / "scratch", ignore_errors=True)  # a 5 GB spill at 1M
 
     def _add_vectors(self, ids: np.ndarray, vecs: np.ndarray) -> None:
         if isinstance(self.vectors, ExactVectorIndex) and len(self.vectors) + len(ids) > EXACT_UP_TO:
@@ -334,8 +330,7 @@ class DedupIndexes:
         """After the manifest's transaction committed: the new images become searchable."""
         self.hashes.add(new.ids, new.phash)
         self._add_vectors(new.ids[new.has_vector], new.vectors[new.has_vector])
-        self._save_hashes()
-        self._save_vectors()
+        self.save()
 
     def _save_hashes(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)

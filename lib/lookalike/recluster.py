@@ -17,12 +17,12 @@ import psycopg
 import pyarrow as pa
 
 from lookalike import db
-from lookalike.categories import cluster_config, fit_and_write, record_transitions
+from lookalike.categories import assignment, cluster_config, fit_and_write, record_transitions
 from lookalike.config import Config
 from lookalike.load import copy_embeddings
 from lookalike.models import resolve_model
 from lookalike.progress import say
-from lookalike.vectors import chunks, spill_vectors
+from lookalike.vectors import chunks, spilled_vectors
 
 
 @dataclass
@@ -63,10 +63,10 @@ def recluster(cfg: Config, model: str | None = None, wait: bool = False) -> Recl
                 embeddings = runner.embed(f"recluster-{run_id:06d}", rows, spec)
                 with conn.transaction(), conn.cursor() as cur:
                     copy_embeddings(cur, embeddings, vector_type, run_id)
-            ids, vectors = spill_vectors(conn, spec.model_ver, vector_type, cfg.home / "scratch")
             n_clusters = 0
-            with conn.transaction(), conn.cursor() as cur:
-                before = _assignment(cur, old_ver) if old_ver else {}
+            with spilled_vectors(conn, spec.model_ver, vector_type, cfg.home / "scratch") as (ids, vectors), \
+                    conn.transaction(), conn.cursor() as cur:
+                before = assignment(cur, old_ver) if old_ver else {}
                 cur.execute("DELETE FROM clusters WHERE model_ver = %s", (spec.model_ver,))
                 cur.execute("DELETE FROM cluster_transitions WHERE new_model_ver = %s", (spec.model_ver,))
                 if len(ids):
@@ -98,7 +98,3 @@ def _images_to_embed(conn: psycopg.Connection, model_ver: str) -> pa.Table:
     return pa.table({"sha256": pa.array(cols[0], pa.string()), "thumb": pa.array(cols[1], pa.string()),
                      "path": pa.array(cols[2], pa.string())})
 
-
-def _assignment(cur: psycopg.Cursor, model_ver: str) -> dict[int, int]:
-    return dict(cur.execute("SELECT image_id, cluster_id FROM image_cluster WHERE model_ver = %s",
-                            (model_ver,)).fetchall())

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import numpy as np
@@ -35,14 +36,17 @@ def read_vectors(cur: psycopg.Cursor, sql: str, params: tuple,
     return np.asarray(ids, np.int64), np.stack(vecs).astype(np.float32)
 
 
-def spill_vectors(conn: psycopg.Connection, model_ver: str, vector_type: str,
-                  scratch: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Every image's vector of model_ver, streamed into a memory-mapped file the fit reads in chunks."""
+@contextmanager
+def spilled_vectors(conn: psycopg.Connection, model_ver: str, vector_type: str,
+                    scratch: Path) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Every image's vector of model_ver (ids, vectors), streamed into a memory-mapped file under
+    `scratch` for the block, which reads it in chunks; the file (5 GB at 1M x 1280) goes after."""
     dims = "vector_dims(embedding)" if vector_type == "vector" else "length(embedding) / 4"
     n, dim = conn.execute(f"SELECT count(*), max({dims}) FROM image_embeddings WHERE model_ver = %s",
                           (model_ver,)).fetchone()
     if not n:
-        return np.empty(0, np.int64), np.empty((0, 0), np.float32)
+        yield np.empty(0, np.int64), np.empty((0, 0), np.float32)
+        return
     scratch.mkdir(parents=True, exist_ok=True)
     spill = scratch / ("vectors-" + re.sub(r"[^A-Za-z0-9._@+-]", "_", model_ver) + ".npy")
     vectors = np.lib.format.open_memmap(spill, mode="w+", dtype=np.float32, shape=(n, int(dim)))
@@ -56,7 +60,13 @@ def spill_vectors(conn: psycopg.Connection, model_ver: str, vector_type: str,
             ids[i] = image_id
             vectors[i] = vector_from_db(vec)
     vectors.flush()
-    return ids, vectors
+    try:
+        yield ids, vectors
+    finally:
+        del vectors
+        spill.unlink(missing_ok=True)
+        with suppress(OSError):  # the folder goes too, unless something else is in it
+            scratch.rmdir()
 
 
 def chunks(vectors: np.ndarray, size: int = VECTOR_CHUNK) -> Iterator[np.ndarray]:
