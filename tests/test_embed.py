@@ -100,7 +100,7 @@ def test_embed_batches_vectors_and_errors(effnet: models.ModelSpec, tmp_path: Pa
     gone = pd.DataFrame({"sha256": ["0" * 64], "thumb": ["00/00/gone_512.jpg"], "path": ["/nonexistent.jpg"]})
 
     settings = EmbedSettings(effnet, "torch", str(tmp_path / "models"), batch_size=2, threads=1)
-    # Batches of different sizes: the task's input array grows once and is reused.
+    # Input batches of different sizes, cut into model batches of 2 (one with a failure in it).
     out = pd.concat(embed_batches(iter([rows[:2], pd.concat([rows[2:], gone], ignore_index=True)]),
                                   settings, extract), ignore_index=True)
 
