@@ -84,16 +84,31 @@ def test_assignments_survive_reruns_and_new_images_join(cfg: Config, archive: Pa
         assert settled <= size
 
 
-def test_model_change_reclusters_from_thumbnails_only(cfg: Config, archive: Path,
-                                                      small_clip_ckpt: Path) -> None:
+def test_model_change_reclusters_from_thumbnails_only(cfg: Config, archive: Path, small_clip_ckpt: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     run(cfg, [str(archive)])
     old_ver = active(cfg)
     (old_clusters,), = query(cfg, "SELECT count(*) FROM clusters WHERE model_ver = %s", old_ver)
     shutil.rmtree(archive)  # a recluster must not need a single original
-    summary = recluster(cfg, f"open_clip:{SMALL_CLIP}:{small_clip_ckpt}")
+    model = f"open_clip:{SMALL_CLIP}:{small_clip_ckpt}"
+
+    # A recluster that fails after embedding: recorded as failed, the old model stays active.
+    def no_space(*args: object, **kwargs: object) -> None:
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr("lookalike.recluster.fit_and_write", no_space)
+    with pytest.raises(OSError, match="No space"):
+        recluster(cfg, model)
+    assert active(cfg) == old_ver
+    assert query(cfg, "SELECT kind, status, message FROM runs ORDER BY run_id")[-1] == (
+        "recluster", "failed", "No space left on device")
+    monkeypatch.undo()
+
+    # The next one keeps the vectors already made (none is embedded twice) and completes.
+    summary = recluster(cfg, model)
     new_ver = active(cfg)
     assert new_ver != old_ver and new_ver == summary.model_ver
-    assert summary.embedded == summary.images > 0
+    assert summary.embedded == 0 and summary.images > 0
     one_row_per_embedded_image(cfg)
     # The retired model's clusters stay (for the transition record) but are not the active ones.
     (kept,), = query(cfg, "SELECT count(*) FROM clusters WHERE model_ver = %s", old_ver)

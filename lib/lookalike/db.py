@@ -6,6 +6,7 @@ pgvector `vector` where the extension exists, else `bytea` holding float32.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -164,18 +165,34 @@ def vector_from_db(value: object) -> np.ndarray:
     return np.asarray(value.to_numpy() if hasattr(value, "to_numpy") else value, dtype=np.float32)
 
 
+def mark_run_failed(conn: psycopg.Connection, run_id: int, error: BaseException) -> None:
+    """Record why a run stopped. Best effort: when the catalog itself went away, the original
+    error is what matters, so a failure to record it is ignored."""
+    with contextlib.suppress(psycopg.Error), conn.transaction():
+        conn.execute("UPDATE runs SET status = 'failed', finished_at = now(), message = %s WHERE run_id = %s",
+                     (str(error)[:500] or type(error).__name__, run_id))
+
+
 @contextmanager
-def writer_lock(conn: psycopg.Connection, wait: bool = False) -> Iterator[None]:
-    """Hold the catalog's single-writer lock for the block; CatalogBusy if another run has it."""
-    got = conn.execute("SELECT pg_try_advisory_lock(%s)", (WRITER_LOCK_KEY,)).fetchone()[0]
-    if not got and not wait:
-        raise CatalogBusy("another lookalike run is writing to this catalog; try again when it ends "
-                          "(or pass --wait)")
-    if not got:
-        say("another lookalike run is writing to this catalog: waiting for it to end")
-        conn.execute("SELECT pg_advisory_lock(%s)", (WRITER_LOCK_KEY,))
+def writer(cfg: Config, wait: bool = False) -> Iterator[tuple[psycopg.Connection, str]]:
+    """A catalog connection for a run that writes, with the schema ensured: (conn, vector type).
+
+    A second connection holds the catalog's single-writer lock for the block (an advisory lock
+    is per session, and the first connection's transactions must not release it); CatalogBusy
+    if another run has it, unless `wait`. Both connections are closed at the end.
+    """
+    conn = connect(cfg)
+    lock_conn = connect(cfg)
     try:
-        yield
+        vector_type = ensure_schema(conn)
+        got = lock_conn.execute("SELECT pg_try_advisory_lock(%s)", (WRITER_LOCK_KEY,)).fetchone()[0]
+        if not got and not wait:
+            raise CatalogBusy("another lookalike run is writing to this catalog; try again when it ends "
+                              "(or pass --wait)")
+        if not got:
+            say("another lookalike run is writing to this catalog: waiting for it to end")
+            lock_conn.execute("SELECT pg_advisory_lock(%s)", (WRITER_LOCK_KEY,))
+        yield conn, vector_type
     finally:
-        if not conn.closed:
-            conn.execute("SELECT pg_advisory_unlock(%s)", (WRITER_LOCK_KEY,))
+        conn.close()
+        lock_conn.close()  # releases the lock with the session

@@ -8,7 +8,6 @@ before anything new is scanned.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -284,46 +283,36 @@ def run(cfg: Config, roots: list[str], retry_errors: bool = False, wait: bool = 
     """An incremental run over `roots`; resumes unfinished manifests first. With `wait`, waits for
     a run already writing to the catalog instead of raising CatalogBusy."""
     started = time.monotonic()
-    conn = db.connect(cfg)
-    lock_conn = db.connect(cfg)
-    try:
-        vector_type = db.ensure_schema(conn)
-        with db.writer_lock(lock_conn, wait):
-            summary = RunSummary()
-            with conn.transaction():
-                # We hold the writer lock, so any run still marked running was killed.
-                conn.execute("UPDATE runs SET status = 'interrupted', finished_at = now() "
-                             "WHERE status = 'running'")
-                summary.run_id = conn.execute(
-                    "INSERT INTO runs (kind, roots) VALUES ('run', %s) RETURNING run_id",
-                    ([str(Path(r).resolve()) for r in roots],)).fetchone()[0]
-            runner = Runner(cfg, conn, vector_type)
-            try:
-                resumed = runner.pending_manifests()
-                if resumed:
-                    say(f"resuming {len(resumed)} unfinished manifests")
-                for manifest_id in resumed:
-                    summary.counts.add(runner.process(manifest_id, summary.run_id))
-                new_ids = runner.scan(roots, summary.run_id, retry_errors)
-                for manifest_id in new_ids:
-                    summary.counts.add(runner.process(manifest_id, summary.run_id))
-                summary.manifests = len(resumed) + len(new_ids)
-                summary.clusters = runner.clusters
-                summary.dups = runner.dups
-                summary.seconds = time.monotonic() - started
-            except BaseException as e:
-                # Best effort: when the catalog itself went away, the original error matters.
-                with contextlib.suppress(psycopg.Error), conn.transaction():
-                    conn.execute("UPDATE runs SET status = 'failed', finished_at = now(), message = %s "
-                                 "WHERE run_id = %s", (str(e)[:500] or type(e).__name__, summary.run_id))
-                raise
-            with conn.transaction():
-                conn.execute("UPDATE runs SET status = 'ok', finished_at = now(), summary = %s "
-                             "WHERE run_id = %s", (json.dumps(summary.as_dict()), summary.run_id))
-            return summary
-    finally:
-        conn.close()
-        lock_conn.close()
+    with db.writer(cfg, wait) as (conn, vector_type):
+        summary = RunSummary()
+        with conn.transaction():
+            # We hold the writer lock, so any run still marked running was killed.
+            conn.execute("UPDATE runs SET status = 'interrupted', finished_at = now() "
+                         "WHERE status = 'running'")
+            summary.run_id = conn.execute(
+                "INSERT INTO runs (kind, roots) VALUES ('run', %s) RETURNING run_id",
+                ([str(Path(r).resolve()) for r in roots],)).fetchone()[0]
+        runner = Runner(cfg, conn, vector_type)
+        try:
+            resumed = runner.pending_manifests()
+            if resumed:
+                say(f"resuming {len(resumed)} unfinished manifests")
+            for manifest_id in resumed:
+                summary.counts.add(runner.process(manifest_id, summary.run_id))
+            new_ids = runner.scan(roots, summary.run_id, retry_errors)
+            for manifest_id in new_ids:
+                summary.counts.add(runner.process(manifest_id, summary.run_id))
+            summary.manifests = len(resumed) + len(new_ids)
+            summary.clusters = runner.clusters
+            summary.dups = runner.dups
+            summary.seconds = time.monotonic() - started
+        except BaseException as e:
+            db.mark_run_failed(conn, summary.run_id, e)
+            raise
+        with conn.transaction():
+            conn.execute("UPDATE runs SET status = 'ok', finished_at = now(), summary = %s "
+                         "WHERE run_id = %s", (json.dumps(summary.as_dict()), summary.run_id))
+        return summary
 
 
 def _rgb(path: Path) -> Image.Image:

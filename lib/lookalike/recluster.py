@@ -43,19 +43,16 @@ def recluster(cfg: Config, model: str | None = None, wait: bool = False) -> Recl
     from lookalike.pipeline import Runner  # the Spark-side stages
 
     started = time.monotonic()
-    conn = db.connect(cfg)
-    lock_conn = db.connect(cfg)
-    try:
-        vector_type = db.ensure_schema(conn)
-        with db.writer_lock(lock_conn, wait):
-            old_name = db.get_meta(conn, "active_model")
-            old_ver = db.get_meta(conn, "active_model_ver")
-            name = model or old_name or cfg["embed"]["model"]
-            spec = resolve_model(name, clip_checkpoint=cfg["embed"]["clip_checkpoint"] or None)
-            name = name if name.startswith("open_clip:") else spec.name
-            with conn.transaction():
-                run_id = conn.execute("INSERT INTO runs (kind, model_ver) VALUES ('recluster', %s) "
-                                      "RETURNING run_id", (spec.model_ver,)).fetchone()[0]
+    with db.writer(cfg, wait) as (conn, vector_type):
+        old_name = db.get_meta(conn, "active_model")
+        old_ver = db.get_meta(conn, "active_model_ver")
+        name = model or old_name or cfg["embed"]["model"]
+        spec = resolve_model(name, clip_checkpoint=cfg["embed"]["clip_checkpoint"] or None)
+        name = name if name.startswith("open_clip:") else spec.name
+        with conn.transaction():
+            run_id = conn.execute("INSERT INTO runs (kind, model_ver) VALUES ('recluster', %s) "
+                                  "RETURNING run_id", (spec.model_ver,)).fetchone()[0]
+        try:
             runner = Runner(cfg, conn, vector_type)
             rows = _images_to_embed(conn, spec.model_ver)
             say(f"recluster: {rows.num_rows} of the catalog's images need {spec.model_ver} vectors")
@@ -81,11 +78,11 @@ def recluster(cfg: Config, model: str | None = None, wait: bool = False) -> Recl
                                            time.monotonic() - started)
                 cur.execute("UPDATE runs SET status = 'ok', finished_at = now(), summary = %s "
                             "WHERE run_id = %s", (json.dumps(vars(summary)), run_id))
-            shutil.rmtree(runner.layout.stages(f"recluster-{run_id:06d}"), ignore_errors=True)
-            return summary
-    finally:
-        conn.close()
-        lock_conn.close()
+        except BaseException as e:
+            db.mark_run_failed(conn, run_id, e)
+            raise
+        shutil.rmtree(runner.layout.stages(f"recluster-{run_id:06d}"), ignore_errors=True)
+        return summary
 
 
 def _images_to_embed(conn: psycopg.Connection, model_ver: str) -> pa.Table:
