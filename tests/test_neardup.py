@@ -120,6 +120,7 @@ def test_vector_index_recall_and_roundtrip(tmp_path: Path) -> None:
     np.testing.assert_allclose(np.sort(got[2]), np.sort(want[2]), atol=1e-5)
     index.save(tmp_path / "vi")
     loaded = nd.VectorIndex.load(tmp_path / "vi")
+    assert (loaded.keep_dims, loaded.bits, loaded.candidates) == (64, 8, 2)
     for a, b in zip(index.search(queries, 5, 0.7), loaded.search(queries, 5, 0.7), strict=True):
         np.testing.assert_array_equal(a, b)
     # rows added after the last save are not committed: a reload forgets them
@@ -178,3 +179,42 @@ def test_exact_vector_index_search_roundtrip_and_uncommitted_rows(tmp_path: Path
     np.testing.assert_array_equal(loaded.vectors(), vecs)
     for a, b in zip(saved, loaded.search(queries, 3, 0.5), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("nowait", [True, False])
+def test_row_store_reads_rows_in_any_order_warm_or_cold(tmp_path: Path, nowait: bool,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Repeated and unsorted rows come back as asked, whether page cache holds them (read in
+    place) or not (read by the IO threads), and without RWF_NOWAIT."""
+    monkeypatch.setattr(nd._RowStore, "_nowait", nowait and hasattr(nd.os, "RWF_NOWAIT"))
+    rng = np.random.default_rng(4)
+    data = rng.integers(0, 256, (30_000, 100), dtype=np.uint8)  # rows straddle pages
+    store = nd._RowStore(100, tmp_path / "rows", 0)
+    store.append(data)
+    store.save(tmp_path / "rows")
+    rows = rng.integers(0, len(data), 5_000)
+    np.testing.assert_array_equal(store.read(rows), data[rows])
+    nd.os.posix_fadvise(store._file.fileno(), 0, 0, nd.os.POSIX_FADV_DONTNEED)  # cold, where it can
+    np.testing.assert_array_equal(store.read(rows[::-1]), data[rows[::-1]])
+    np.testing.assert_array_equal(store.read(np.arange(10)), data[:10])
+    assert store.read(np.empty(0, np.int64)).shape == (0, 100)
+    with pytest.raises(EOFError):
+        store.read(np.array([len(data)]))
+
+
+def test_vector_index_rerank_spans_several_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Candidates re-ranked a few distinct rows at a time score as one read would."""
+    rng = np.random.default_rng(5)
+    vecs = rng.standard_normal((3_000, 32)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    index = nd.VectorIndex(32, keep_dims=16, nlist=8, nprobe=8)
+    index.add(np.arange(3_000), vecs)
+    queries = vecs[:300] + 0.1 * rng.standard_normal((300, 32)).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    whole = index.search(queries, 5, 0.3)
+    monkeypatch.setattr(nd.VectorIndex, "RERANK_ROWS", 7)
+    for a, b in zip(whole, index.search(queries, 5, 0.3, block=64), strict=True):
+        np.testing.assert_array_equal(a, b)
+    rows, matched, cos = whole
+    assert len(rows) > 300
+    np.testing.assert_allclose(cos, (queries[rows] * vecs[matched]).sum(1), atol=0.01)

@@ -269,6 +269,11 @@ def _decode(codes: np.ndarray) -> np.ndarray:
     return _CODE_OFFSET + codes.astype(np.float32) * _CODE_STEP
 
 
+# Bits a coordinate of the projected vectors in the lists (faiss scalar quantisers).
+_SQ_TYPES = {4: faiss.ScalarQuantizer.QT_4bit, 6: faiss.ScalarQuantizer.QT_6bit,
+             8: faiss.ScalarQuantizer.QT_8bit}
+
+
 def _default_nlist(n: int) -> int:
     # ~500 vectors a list (a power of two), so a probe scans as much at 5M as at 1M: search
     # time stays flat while the coarse quantizer's share (nlist dot products) stays small.
@@ -281,12 +286,19 @@ def _default_nlist(n: int) -> int:
 TRAIN_SAMPLE = 500_000
 TRAIN_BLOCK = 65_536
 THREADS = 4
+IO_THREADS = 16
 
 
 @functools.cache
 def _threads() -> ThreadPoolExecutor:
-    """Threads for numpy work and reads, which let go of the GIL: the 2 cores, and reads in flight."""
+    """Threads for numpy work, which lets go of the GIL: the 2 cores."""
     return ThreadPoolExecutor(THREADS, thread_name_prefix="neardup")
+
+
+@functools.cache
+def _io_threads() -> ThreadPoolExecutor:
+    """Threads that only wait on the disk: rows not in page cache, many reads in flight."""
+    return ThreadPoolExecutor(IO_THREADS, thread_name_prefix="neardup-io")
 
 
 class _RowStore:
@@ -306,29 +318,64 @@ class _RowStore:
         os.posix_fadvise(self._file.fileno(), 0, 0, os.POSIX_FADV_RANDOM)  # scattered reads: no read-ahead
         self.nrows = nrows
 
+    _nowait = hasattr(os, "RWF_NOWAIT")  # class-wide: off once the kernel refuses it
+
     def append(self, rows: np.ndarray) -> None:
         self._file.seek(self.nrows * self.row_bytes)
         self._file.write(np.ascontiguousarray(rows, dtype=np.uint8).tobytes())
         self.nrows += len(rows)
 
     def read(self, rows: np.ndarray) -> np.ndarray:
-        # One pread a row, not a memory map: a map faults in whole page-cache folios (up to
-        # 2 MB each for a freshly written file), which blew the RSS up by ~1 GB at 1M rows.
+        """The rows asked for, in that order; each distinct row is read once, in file order."""
+        rows = np.asarray(rows, np.int64)
+        uniq, inverse = np.unique(rows, return_inverse=True)
+        out = self.read_sorted(uniq)
+        return out if len(uniq) == len(rows) and (uniq == rows).all() else out[inverse]
+
+    def read_sorted(self, rows: np.ndarray) -> np.ndarray:
+        """Distinct rows in ascending order (what `read` reads).
+
+        One pread a row, not a memory map: a map faults in whole page-cache folios (up to 2 MB
+        each for a freshly written file), which blew the RSS up by ~1 GB at 1M rows. Rows in
+        page cache are read here, one thread (RWF_NOWAIT: a read that would wait on the disk
+        fails instead); only the others go to IO_THREADS threads, which keep that many reads
+        in flight. (Rows of a 1280-d index: 217k warm ones in 0.36 s in one thread, 0.88 s in
+        4; random cold ones 65 us each in one thread, 25 in 4, 12-17 in 16 or more.)
+        """
         self._file.flush()
         fd, size = self._file.fileno(), self.row_bytes
         out = np.empty((len(rows), size), np.uint8)
+        buf = memoryview(out.reshape(-1))
+        at = (rows * size).tolist()
+        cold = range(len(at))
+        if self._nowait:
+            cold = []
+            for j, a in enumerate(at):
+                try:
+                    if os.preadv(fd, [buf[j * size : (j + 1) * size]], a, os.RWF_NOWAIT) == size:
+                        continue
+                except BlockingIOError:
+                    pass
+                except OSError:  # RWF_NOWAIT refused (an old kernel, some file systems)
+                    _RowStore._nowait = False
+                    cold = range(len(at))
+                    break
+                cold.append(j)
 
-        def fill(part: np.ndarray) -> None:
-            for j, r in zip(part.tolist(), rows[part].tolist(), strict=True):
-                out[j] = np.frombuffer(os.pread(fd, size, r * size), np.uint8)
+        def fill(part: range | list[int]) -> None:
+            for j in part:
+                got = 0
+                while got < size:  # the whole row, whatever a short read left
+                    n = os.preadv(fd, [buf[j * size + got : (j + 1) * size]], at[j] + got)
+                    if n == 0:
+                        raise EOFError(f"row {rows[j]} is past the end of {self.path or 'the rows'}")
+                    got += n
 
-        # Rows not in page cache wait ~50 us each on the disk: a few threads keep reads in
-        # flight (100k cold rows: 5.2 s in one thread, 2.3 s in 4; warm: 0.25 s, 0.38 s).
-        parts = np.array_split(np.arange(len(rows)), max(1, min(THREADS, len(rows) // 1024)))
-        if len(parts) == 1:
-            fill(parts[0])
+        nparts = min(IO_THREADS, len(cold) // 16)
+        if nparts <= 1:
+            fill(cold)
         else:
-            list(_threads().map(fill, parts))
+            list(_io_threads().map(fill, [cold[i::nparts] for i in range(nparts)]))
         return out
 
     def read_range(self, start: int, stop: int) -> np.ndarray:
@@ -374,34 +421,48 @@ class _DecodedRows:
 class VectorIndex:
     """Cosine k-NN with a threshold over L2-normalised embeddings, for millions of vectors in RAM.
 
-    Two stages. Candidates: vectors projected on the top `keep_dims` eigenvectors of their
-    (uncentred) second moment, re-normalised, 4-bit scalar-quantised in an inverted file
-    (128 bytes a vector at 256 dims); the 4k best with an approximate cosine within `margin` of
-    the threshold go on. Re-rank: their exact cosine from 8-bit codes of the full vectors (dim
-    bytes each), kept in a file beside the saved index and read row by row, so they cost disk,
-    not memory. The projection alone reads cosines about 0.02-0.04 high for near-duplicates
-    (the differences between near-duplicates spread over many more axes than the photos do),
-    which is why the reported cosine always comes from the re-rank.
+    Two stages. Candidates: vectors projected on the top `keep_dims` (128) eigenvectors of their
+    (uncentred) second moment, re-normalised, `bits`-bit (8) scalar-quantised in an inverted
+    file (128 bytes a vector); the `candidates` x k (2k) best with an approximate cosine within
+    `margin` of the threshold go on. Re-rank: their exact cosine from 8-bit codes of the full
+    vectors (dim bytes each), kept in a file beside the saved index and read row by row, so
+    they cost disk, not memory. The projection alone reads cosines about 0.05-0.1 high (the
+    differences between photos spread over many more axes than the photos do), which is why
+    the reported cosine always comes from the re-rank.
+
+    Why 8 bits on 128 dims and 2k candidates (formerly 4 bits on 256 dims, 4k): the
+    re-rank reads a row per distinct candidate, and at 5M (6.4 GB of rows) most of them are not
+    in page cache next to a catalog's database: each is then a disk read (13-17 us with 16 in
+    flight here), and the 4k candidates' 337k distinct rows were most of what 5M cost over 1M.
+    What needed 4k was the 4-bit rounding, not the projection: it scrambles the order of a
+    query's many neighbours near the threshold. Of the true best 10 among a query's 40
+    candidates, the best 20 by approximate cosine held 0.88 with 4 bits on 256 dims, 0.94 with
+    ranges fitted by faiss's RS_optim, 0.98 with 8 bits on 128 dims (0.999 unquantised). So 2k
+    candidates find what 4k did, half the rows are read, and the list scan is cheaper too.
 
     Measured with `python bench/neardup_scale.py --compare-vector --sizes 1000000`: 1M x 1280
     embeddings drawn from a model fitted to real EfficientNet-Lite0 ones (it reproduces their
     projection error on real near-duplicate pairs: +0.017 +- 0.015 vs +0.018 +- 0.017 at 512
     dims), 10k queries (25% near-duplicates), exact float32 top-50 of 1000 as truth, k=10,
-    recall capped at k per query; 2048 lists:
+    recall capped at k per query; 2048 lists, 128 B/vector in RAM each; 2 cores, one run. (The
+    4-bit rows read lower than the figures 4 bits were chosen on, 0.997/0.994/0.993 at nprobe
+    4, though the former code's results are identical to these: the bench's data has changed.)
 
-        RAM/vector   search   nprobe  recall/precision at cosine 0.85 / 0.90 / 0.95
-        64 B (128d)  re-rank     4    0.987/0.996  0.978/0.992  0.993/0.980
-        128 B (256d) re-rank     2    0.996/0.997  0.993/0.992  0.993/0.980
-        128 B (256d) re-rank     4    0.997/0.997  0.994/0.992  0.993/0.980   (2.6 cpu-s)
-        128 B (256d) re-rank     8    0.997/0.997  0.994/0.992  0.993/0.980   (4.3 cpu-s)
-        192 B (384d) re-rank     4    0.996/0.996  0.992/0.992  0.986/0.986
-        128 B (256d) compressed  4    0.900/0.457  0.815/0.242  0.925/0.114   cosines +0.06 high
+        lists           cand. search nprobe  recall/precision at cosine 0.85 / 0.90 / 0.95
+        4 bit, 256d      4k  re-rank   4    0.986/0.987  0.971/0.968  0.938/0.945  (2.7 cpu-s)
+        4 bit, 256d      4k  re-rank   8    0.986/0.987  0.972/0.969  0.945/0.945  (4.1 cpu-s)
+        4 bit, 256d      2k  re-rank   8    0.970/0.986  0.931/0.970  0.925/0.944  (3.8 cpu-s)
+        8 bit, 128d      4k  re-rank   8    0.990/0.987  0.975/0.967  0.945/0.945  (2.1 cpu-s)
+        8 bit, 128d      2k  re-rank   4    0.989/0.988  0.973/0.967  0.945/0.945  (1.3 cpu-s)
+        8 bit, 128d      2k  re-rank   8    0.989/0.988  0.973/0.967  0.945/0.945  (1.7 cpu-s)
+        4 bit, 256d      -   compressed 4   0.897/0.453  0.819/0.244  0.952/0.120  cosines +0.07 high
+        8 bit, 128d      -   compressed 4   0.970/0.428  0.957/0.216  1.000/0.078  cosines +0.09 high
 
-    Re-ranked cosines were within 0.001 of the float32 ones (0.002 rms now that the 8-bit codes
-    use the fixed range [-1, 1]). nprobe is 8, not 4, by default: in the scale bench at 5M
-    (4096 lists then) planted near-duplicates were found at 0.975 with 4 and 0.992 with 8
-    (0.998 at 1M either way): near-duplicates of outlying photos can fall in a neighbouring
-    list. nprobe=4 halves the list scanning.
+    Re-ranked cosines are within 0.002 (rms) of the float32 ones (the 8-bit codes use the fixed
+    range [-1, 1]). nprobe is 8, not 4, by default: in the scale bench at 5M (4096 lists then)
+    planted near-duplicates were found at 0.975 with 4 and 0.992 with 8 (0.998 at 1M either
+    way): near-duplicates of outlying photos can fall in a neighbouring list. With the 8-bit
+    lists the scale bench finds them at 0.997 (1M) and 0.995 (5M, 8192 lists).
 
     The projection and the lists are learnt from the vectors of the first `add` (or `train`,
     given a sample and the expected size). Once the index holds 4x what it was trained for,
@@ -422,10 +483,15 @@ class VectorIndex:
     # (measured 0.0023, at most 0.010 over 200k near-duplicate pairs); 0.015 is 6.6 sd.
     cosine_error = 0.015
 
-    def __init__(self, dim: int, *, keep_dims: int = 256, nlist: int | None = None, nprobe: int = 8,
-                 margin: float = 0.06, path: str | os.PathLike | None = None) -> None:
+    def __init__(self, dim: int, *, keep_dims: int = 128, bits: int = 8, candidates: int = 2,
+                 nlist: int | None = None, nprobe: int = 8, margin: float = 0.06,
+                 path: str | os.PathLike | None = None) -> None:
+        if bits not in _SQ_TYPES:
+            raise ValueError(f"bits must be one of {sorted(_SQ_TYPES)}, not {bits}")
         self.dim = dim
         self.keep_dims = min(keep_dims, dim)
+        self.bits = bits
+        self.candidates = candidates
         self.nlist = nlist
         self.nprobe = nprobe
         self.margin = margin
@@ -467,7 +533,7 @@ class VectorIndex:
 
         The sample is read 64k rows at a time (a memory map, or anything sliceable), and held
         only projected: k-means wants 64 vectors a list, 500k for 5M vectors' 8192 lists, which
-        are 2.6 GB at 1280-d but 0.5 GB at 256.
+        are 2.6 GB at 1280-d but 0.26 GB at 128.
         """
         n = len(sample)
         blocks = range(0, n, TRAIN_BLOCK)
@@ -483,7 +549,7 @@ class VectorIndex:
         d = reduced.shape[1]
         nlist = max(1, min(self.nlist or _default_nlist(max(n, expected_size or 0)), n // 16))
         quantizer = faiss.IndexFlatIP(d)
-        ivf = faiss.IndexIVFScalarQuantizer(quantizer, d, nlist, faiss.ScalarQuantizer.QT_4bit,
+        ivf = faiss.IndexIVFScalarQuantizer(quantizer, d, nlist, _SQ_TYPES[self.bits],
                                             faiss.METRIC_INNER_PRODUCT)
         ivf.own_fields = True
         quantizer.this.disown()
@@ -540,33 +606,50 @@ class VectorIndex:
         """The up-to-k nearest indexed vectors with cosine >= min_cosine, for each query.
 
         Returns (query_row, matched_id, cosine), cosines from the 8-bit full vectors (within
-        about 0.002 of the float32 ones). Queries go in blocks to bound memory.
+        about 0.002 of the float32 ones). The lists are searched a block of queries at a time
+        (bounded memory), then the candidates of all of them re-ranked together: each stored
+        row is read once, however many queries it is a candidate of (a scene's photos share
+        theirs: at 1M, 10k queries' 400k candidates were 217k rows), and in file order.
         """
         vecs = self._check(vecs)
-        out: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-        if self.trained and len(self) and len(vecs):
-            self._ivf.nprobe = min(self.nprobe, self._ivf.nlist)
-            for b0 in range(0, len(vecs), block):
-                out.append(self._search_block(vecs[b0 : b0 + block], k, min_cosine, b0))
-        if not out:
+        if not (self.trained and len(self) and len(vecs)):
             return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32)
-        return tuple(np.concatenate(parts) for parts in zip(*out, strict=True))  # type: ignore[return-value]
-
-    def _search_block(self, q: np.ndarray, k: int, min_cosine: float,
-                      offset: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        approx, cand = self._ivf.search(self._reduce(q), 4 * k)
-        qi, ci = np.nonzero((cand >= 0) & (approx >= min_cosine - self.margin))
-        rows = cand[qi, ci]
-        # q . decode(code) = q . offset + (q * step) . code: score the codes without decoding
-        q_off, q_step = q.sum(axis=1) * _CODE_OFFSET, q * _CODE_STEP
-        cos = np.empty(len(rows), np.float32)
-        for c0 in range(0, len(rows), 4096):  # a few thousand candidates' codes at a time
-            part = slice(c0, c0 + 4096)
-            codes = self._rows.read(rows[part]).astype(np.float32)
-            cos[part] = q_off[qi[part]] + np.einsum("ij,ij->i", q_step[qi[part]], codes)
-        cos = np.minimum(cos, 1.0)  # 8-bit codes can overshoot 1
+        self._ivf.nprobe = min(self.nprobe, self._ivf.nlist)
+        qi_parts, row_parts = [], []
+        for b0 in range(0, len(vecs), block):
+            approx, cand = self._ivf.search(self._reduce(vecs[b0 : b0 + block]), self.candidates * k)
+            qi, ci = np.nonzero((cand >= 0) & (approx >= min_cosine - self.margin))
+            qi_parts.append(qi + b0)
+            row_parts.append(cand[qi, ci])
+        qi, rows = np.concatenate(qi_parts), np.concatenate(row_parts)
+        cos = np.minimum(self._rerank(vecs, qi, rows), 1.0)  # 8-bit codes can overshoot 1
         qi, rows, cos = _best(qi, rows, cos, k, min_cosine)
-        return qi + offset, self._ids.of_row[rows], cos
+        return qi, self._ids.of_row[rows], cos
+
+    RERANK_ROWS = 4096  # distinct rows read at a time (5 MB at 1280-d), the next while one is scored
+
+    def _rerank(self, vecs: np.ndarray, qi: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Cosine of vecs[qi[i]] with the 8-bit code of row rows[i], for each i."""
+        cos = np.empty(len(rows), np.float32)
+        if not len(rows):
+            return cos
+        uniq, inverse = np.unique(rows, return_inverse=True)
+        order = np.argsort(inverse, kind="stable")  # candidates by row
+        step = self.RERANK_ROWS
+        bounds = np.searchsorted(inverse[order], np.arange(0, len(uniq) + step, step))
+        # q . decode(code) = q . offset + (q . code) * step: score the codes without decoding
+        q_off = vecs.sum(axis=1) * _CODE_OFFSET
+        nxt = _threads().submit(self._rows.read_sorted, uniq[:step])
+        for c, u0 in enumerate(range(0, len(uniq), step)):
+            codes = nxt.result()
+            if u0 + step < len(uniq):  # its reads wait on the disk while these are scored
+                nxt = _threads().submit(self._rows.read_sorted, uniq[u0 + step : u0 + 2 * step])
+            mine = order[bounds[c] : bounds[c + 1]]
+            for p0 in range(0, len(mine), 4096):  # bounded gathers: 4096 pairs are 40 MB
+                p = mine[p0 : p0 + 4096]
+                dots = np.einsum("ij,ij->i", vecs[qi[p]], codes[inverse[p] - u0].astype(np.float32))
+                cos[p] = q_off[qi[p]] + dots * _CODE_STEP
+        return cos
 
     def search_among(self, vecs: np.ndarray, k: int,
                      min_cosine: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -605,7 +688,8 @@ class VectorIndex:
         lists = f"lists-{len(self)}.faiss"
         faiss.write_index(self._ivf, str(path / (lists + ".tmp")))
         os.replace(path / (lists + ".tmp"), path / lists)
-        meta = {"dim": self.dim, "keep_dims": self.keep_dims, "nprobe": self.nprobe, "margin": self.margin,
+        meta = {"dim": self.dim, "keep_dims": self.keep_dims, "bits": self.bits,
+                "candidates": self.candidates, "nprobe": self.nprobe, "margin": self.margin,
                 "trained_on": self.trained_on, "nrows": len(self), "lists": lists}
         _atomic_write(path / self.INDEX_FILE, {
             "meta": np.frombuffer(json.dumps(meta).encode(), np.uint8),
@@ -621,7 +705,9 @@ class VectorIndex:
         path = Path(path)
         with np.load(path / cls.INDEX_FILE) as z:
             meta = json.loads(z["meta"].tobytes())
-            self = cls(meta["dim"], keep_dims=meta["keep_dims"], nprobe=meta["nprobe"], margin=meta["margin"])
+            # indexes saved before bits and candidates were settings: 4-bit codes, 4k candidates
+            self = cls(meta["dim"], keep_dims=meta["keep_dims"], bits=meta.get("bits", 4),
+                       candidates=meta.get("candidates", 4), nprobe=meta["nprobe"], margin=meta["margin"])
             self.trained_on = meta["trained_on"]
             self._proj = z["proj"] if z["proj"].size else None
             self._ids = _RowIds(z["row_ids"])
