@@ -13,7 +13,6 @@ from PIL import Image
 
 from lookalike import models
 from lookalike.embed import (
-    ROWS_PER_TASK,
     EmbedSettings,
     embed_batches,
     embed_tasks,
@@ -130,16 +129,13 @@ def test_embed_batches_vectors_and_errors(effnet: models.ModelSpec, tmp_path: Pa
 
 
 @pytest.mark.parametrize(("rows", "cores", "batch", "tasks"), [
-    (0, 2, 32, 1),
-    (10, 64, 32, 1),          # never smaller than one model batch
-    (1500, 2, 32, 2),         # one wave: every core gets one task
-    (3000, 2, 32, 4),         # two full waves, not 3 tasks leaving a core idle at the end
-    (20000, 2, 32, 20),       # a full manifest: tasks of ~1000 images
-    (1500, 64, 32, 47),       # a large cluster: batch-sized tasks
+    (0, 2, 4, 1),
+    (10, 64, 4, 3),           # never smaller than one model batch
+    (20000, 2, 4, 2),         # a full manifest: one task per core
+    (1500, 64, 4, 64),        # a large cluster: one task per core
 ])
 def test_embed_tasks(rows: int, cores: int, batch: int, tasks: int) -> None:
     assert embed_tasks(rows, cores, batch) == tasks
-    assert rows <= tasks * max(ROWS_PER_TASK, batch)
 
 
 def test_task_cpus_outside_spark() -> None:

@@ -11,7 +11,7 @@ the forward alone), so the work around it is kept small:
   next batch; with as many intra-op threads as the task has cores (Spark runs one task per core).
 - models.pixel_writer computes EfficientNet-Lite0's reference transform (TF's legacy bicubic
   resize) as two sparse products that add TF's float32 terms in TF's order (bit-identical, tested).
-- Tasks are large (embed_tasks): each costs a fixed ~0.1-0.2 s besides its images.
+- One task per core (embed_tasks): each costs a fixed ~0.1-0.2 s besides its images.
 """
 
 from __future__ import annotations
@@ -36,10 +36,6 @@ from lookalike.models import ModelSpec, get_embedder, pixel_writer
 # 10,000 rows with a stub in place of the model), besides no repartition shuffle (Runner.embed).
 # embeddings_table turns the column back into list<float> when the stage's Parquet is read.
 EMBED_DDL = "sha256 string, model_ver string, vector binary, error string, message string"
-
-# Images per Spark task, at most: about 10 s of one core's work with EfficientNet-Lite0.
-ROWS_PER_TASK = 1024
-
 
 @dataclass(frozen=True)
 class EmbedSettings:
@@ -75,15 +71,14 @@ def _open_thumbnail(sha256: str, thumb: str, path: str, extract: ExtractSettings
 
 
 def embed_tasks(rows: int, parallelism: int, batch_size: int) -> int:
-    """How many Spark tasks the embed stage splits ``rows`` images into.
+    """How many Spark tasks the embed stage runs ``rows`` images in.
 
-    A task has a fixed cost beside its images (a worker round trip, one Parquet part file and
-    its commit: ~0.1-0.2 s of CPU), so tasks are large, up to ROWS_PER_TASK images. Their count
-    is a multiple of ``parallelism`` (the cores) so that the last wave keeps every core busy,
-    and no task is smaller than one model batch.
+    createDataFrame slices local rows into one partition per core (``parallelism``), which suits
+    the stage: a task has a fixed cost beside its images (a worker round trip, one Parquet part
+    file and its commit: ~0.1-0.2 s of CPU), so one large task per core is cheapest. Only when
+    there is less than a model batch per core are there fewer tasks, each at least one batch.
     """
-    waves = math.ceil(rows / (parallelism * ROWS_PER_TASK))
-    return max(1, min(parallelism * waves, math.ceil(rows / batch_size)))
+    return max(1, min(parallelism, math.ceil(rows / batch_size)))
 
 
 def embed_batches(batches: Iterator[pd.DataFrame], settings: EmbedSettings,

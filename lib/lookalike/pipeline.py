@@ -213,8 +213,8 @@ class Runner:
             tasks = embed_tasks(rows.num_rows, self.spark.sparkContext.defaultParallelism,
                                 settings.batch_size)
             with stage(f"embed {name}", rows.num_rows, self.spark):
-                # From Arrow, one partition per maxRecordsPerBatch rows; coalesce joins neighbouring
-                # ones into `tasks` without the shuffle stage a repartition costs.
+                # createDataFrame gives one partition per core; coalesce merges them (no shuffle)
+                # only when there is less than a model batch per core.
                 df = self.spark.createDataFrame(rows.select(["sha256", "thumb", "path"]),
                                                 schema="sha256 string, thumb string, path string")
                 df.coalesce(tasks).mapInPandas(partial(embed_batches, settings=settings, extract=extract),
