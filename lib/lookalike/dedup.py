@@ -8,7 +8,6 @@ image_dup_group inside the manifest's transaction.
 
 from __future__ import annotations
 
-import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ import psycopg
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
+from lookalike.models import file_safe
 from lookalike.neardup import TRAIN_SAMPLE, ExactVectorIndex, HashIndex, VectorIndex
 from lookalike.progress import say
 from lookalike.vectors import VECTOR_CHUNK, chunks, read_vectors, spilled_vectors
@@ -238,7 +238,7 @@ class DedupIndexes:
 
     @staticmethod
     def vector_folder(folder: Path, model_ver: str) -> Path:
-        return folder / ("vectors-" + re.sub(r"[^A-Za-z0-9._@+-]", "_", model_ver))
+        return folder / ("vectors-" + file_safe(model_ver))
 
     @classmethod
     def load(cls, folder: Path, model_ver: str, dim: int) -> DedupIndexes:

@@ -33,9 +33,10 @@ from lookalike.models import ModelSpec, get_embedder, pixel_writer
 # The vector leaves the worker as the bytes of its float32 array: Spark then copies one binary
 # value per row, where array<float> costs it (and Arrow in the worker) 1280 elements to convert
 # and Parquet 1280 values to encode: 0.45 vs 0.09 ms of CPU per image (JVM + worker, measured on
-# 10,000 rows with a stub in place of the model), besides no repartition shuffle (Runner.embed).
+# 10,000 rows with a stub in place of the model).
 # embeddings_table turns the column back into list<float> when the stage's Parquet is read.
 EMBED_DDL = "sha256 string, model_ver string, vector binary, error string, message string"
+
 
 @dataclass(frozen=True)
 class EmbedSettings:

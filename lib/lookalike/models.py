@@ -500,9 +500,14 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lookalike" / "models"
 
 
+def file_safe(model_ver: str) -> str:
+    """model_ver as part of a file name (open_clip versions hold ':' and '/')."""
+    return re.sub(r"[^A-Za-z0-9._@+-]", "_", model_ver)
+
+
 def onnx_path(spec: ModelSpec, cache_dir: str | Path) -> Path:
     """The ONNX export of ``spec``: one file per model_ver (content-hashed weights)."""
-    return Path(cache_dir) / (re.sub(r"[^A-Za-z0-9._@+-]", "_", spec.model_ver) + ".onnx")
+    return Path(cache_dir) / (file_safe(spec.model_ver) + ".onnx")
 
 
 ImageForward = Callable[[np.ndarray], np.ndarray]  # (n, 3, H, W) float32 -> (n, dim) raw features

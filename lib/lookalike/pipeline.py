@@ -36,7 +36,7 @@ from lookalike.embed import EMBED_DDL, EmbedSettings, embed_batches, embed_tasks
 from lookalike.extract import ExtractSettings, extract_batches, prepare_thumbs_dir
 from lookalike.layout import Layout
 from lookalike.load import LoadCounts, copy_embeddings, load_manifest
-from lookalike.models import ModelSpec, get_embedder, onnx_path, resolve_model
+from lookalike.models import ModelSpec, file_safe, get_embedder, onnx_path, resolve_model
 from lookalike.progress import say, stage
 from lookalike.scan import MANIFEST_SCHEMA, ScanSettings, plan, rows_to_table, walk
 
@@ -206,7 +206,7 @@ class Runner:
 
     def embed(self, name: str, rows: pa.Table, spec: ModelSpec) -> pa.Table:
         """Embeddings of `rows` (sha256, thumb, path), kept under stages/<name>/embeddings-<model>."""
-        out = self.layout.stage(name, "embeddings-" + onnx_path(spec, "").stem)
+        out = self.layout.stage(name, "embeddings-" + file_safe(spec.model_ver))
         if not Layout.is_complete(out):
             settings = self._embedder_settings(spec)
             extract = ExtractSettings.from_config(self.cfg, self.layout.thumbs)

@@ -6,7 +6,6 @@ the clustering and the index builds read in chunks, never as one in-memory copy.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -15,6 +14,7 @@ import numpy as np
 import psycopg
 
 from lookalike.db import vector_from_db
+from lookalike.models import file_safe
 
 VECTOR_CHUNK = 65536
 
@@ -48,7 +48,7 @@ def spilled_vectors(conn: psycopg.Connection, model_ver: str, vector_type: str,
         yield np.empty(0, np.int64), np.empty((0, 0), np.float32)
         return
     scratch.mkdir(parents=True, exist_ok=True)
-    spill = scratch / ("vectors-" + re.sub(r"[^A-Za-z0-9._@+-]", "_", model_ver) + ".npy")
+    spill = scratch / ("vectors-" + file_safe(model_ver) + ".npy")
     vectors = np.lib.format.open_memmap(spill, mode="w+", dtype=np.float32, shape=(n, int(dim)))
     ids = np.empty(n, np.int64)
     query = psycopg.ClientCursor(conn).mogrify(
