@@ -192,7 +192,7 @@ def child(spec_file: Path, rows_file: Path, backend: str, threads: int, shard: i
             first = n
             for sha, thumb, path in rows[start : start + batch]:
                 t0 = time.thread_time()  # CPU time: other processes on the cores do not count
-                image = embed._open_thumbnail(sha, thumb, path, extract)
+                image = embed.read_thumbnail(sha, thumb, path, extract)
                 t1 = time.thread_time()
                 write(image, pixels[n])
                 decode_s, prep_s, n = decode_s + t1 - t0, prep_s + time.thread_time() - t1, n + 1

