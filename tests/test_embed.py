@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from conftest import IMAGENET, UKBENCH
 from PIL import Image
@@ -19,6 +20,7 @@ from lookalike.embed import (
     embeddings_table,
     read_thumbnail,
     task_cpus,
+    write_task_inputs,
 )
 from lookalike.extract import ExtractSettings, extract_file
 
@@ -155,6 +157,18 @@ def test_embed_batches_vectors_and_errors(effnet: models.ModelSpec, tmp_path: Pa
 ])
 def test_embed_tasks(rows: int, cores: int, batch: int, tasks: int) -> None:
     assert embed_tasks(rows, cores, batch) == tasks
+
+
+def test_task_inputs_cover_every_row_once(tmp_path: Path) -> None:
+    rows = pa.table({"sha256": [f"{i:064x}" for i in range(10)], "thumb": ["t"] * 10, "path": ["p"] * 10})
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "part-00007.parquet").write_bytes(b"a killed attempt's file")
+    files = write_task_inputs(rows, tmp_path / "in", 3)
+    assert sorted(p.name for p in (tmp_path / "in").iterdir()) == [Path(f).name for f in files]
+    parts = [pq.read_table(f) for f in files]
+    assert [p.num_rows for p in parts] == [3, 3, 4]
+    assert pa.concat_tables(parts).equals(rows)
+    assert pq.read_table(write_task_inputs(rows.slice(0, 0), tmp_path / "in", 1)[0]).num_rows == 0
 
 
 def test_task_cpus_outside_spark() -> None:

@@ -12,7 +12,8 @@ the forward alone), so the work around it is kept small:
 - Thumbnails are decoded by simplejpeg straight into an array (Pillow's libjpeg-turbo, same
   pixels), and EfficientNet-Lite0's reference transform (TF's legacy bicubic resize) is one
   compiled kernel, tf_preprocess: together 0.35 ms an image less than Pillow and numpy/scipy.
-- One task per core (embed_tasks): each costs a fixed ~0.1-0.2 s besides its images.
+- One task per core (embed_tasks), each reading its rows from a Parquet file the driver wrote
+  (write_task_inputs): a task costs a fixed ~0.1-0.2 s besides its images.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import io
 import itertools
 import math
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,11 +29,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 import simplejpeg
 from PIL import Image
 
 from lookalike.extract import ExtractSettings, extract_file
 from lookalike.models import ModelSpec, get_embedder, pixel_writer
+
+# Rows of a task's input read at a time, and so rows of output handed back to Spark at a time.
+TASK_INPUT_BATCH = 64
 
 # The vector leaves the worker as the bytes of its float32 array: Spark then copies one binary
 # value per row, where array<float> costs it (and Arrow in the worker) 1280 elements to convert
@@ -84,12 +90,38 @@ def read_thumbnail(sha256: str, thumb: str, path: str, extract: ExtractSettings)
 def embed_tasks(rows: int, parallelism: int, batch_size: int) -> int:
     """How many Spark tasks the embed stage runs ``rows`` images in.
 
-    createDataFrame slices local rows into one partition per core (``parallelism``), which suits
-    the stage: a task has a fixed cost beside its images (a worker round trip, one Parquet part
-    file and its commit: ~0.1-0.2 s of CPU), so one large task per core is cheapest. Only when
-    there is less than a model batch per core are there fewer tasks, each at least one batch.
+    One per core (``parallelism``): a task has a fixed cost beside its images (a worker round trip,
+    one Parquet part file and its commit: ~0.1-0.2 s of CPU), so one large task per core is
+    cheapest. Only when there is less than a model batch per core are there fewer tasks, each at
+    least one batch.
     """
     return max(1, min(parallelism, math.ceil(rows / batch_size)))
+
+
+def write_task_inputs(rows: pa.Table, folder: Path, tasks: int) -> list[str]:
+    """`rows` (sha256, thumb, path) cut into `tasks` Parquet files of consecutive rows, one a task.
+
+    The tasks carry only these file names: rows sent inside the tasks (~250 bytes each) would make
+    ~125 MB tasks for a re-embed of 1M images on 2 cores, and Spark warned of "a task of very large
+    size" from ~8k rows. `folder` is in the home, which executors share.
+    """
+    shutil.rmtree(folder, ignore_errors=True)  # a killed attempt's files
+    folder.mkdir(parents=True)
+    bounds = np.linspace(0, rows.num_rows, tasks + 1).astype(int)
+    files = [str(folder / f"part-{task:05d}.parquet") for task in range(tasks)]
+    for file, start, end in zip(files, bounds[:-1], bounds[1:], strict=True):
+        pq.write_table(rows.slice(int(start), int(end - start)), file)
+    return files
+
+
+def embed_task_inputs(tasks: Iterator[pd.DataFrame], settings: EmbedSettings,
+                      extract: ExtractSettings) -> Iterator[pd.DataFrame]:
+    """mapInPandas body: rows naming write_task_inputs' files in, embed_batches' rows out."""
+    for task in tasks:
+        for file in task["file"]:
+            with pq.ParquetFile(file) as rows:
+                batches = (b.to_pandas() for b in rows.iter_batches(batch_size=TASK_INPUT_BATCH))
+                yield from embed_batches(batches, settings, extract)
 
 
 def embed_batches(batches: Iterator[pd.DataFrame], settings: EmbedSettings,

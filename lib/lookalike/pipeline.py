@@ -32,7 +32,14 @@ if TYPE_CHECKING:
 from lookalike.categories import ClusterCounts, assign_new, cluster_config
 from lookalike.config import Config
 from lookalike.dedup import DedupCounts, DedupIndexes, NewImages, dedup, neardup_config
-from lookalike.embed import EMBED_DDL, EmbedSettings, embed_batches, embed_tasks, embeddings_table
+from lookalike.embed import (
+    EMBED_DDL,
+    EmbedSettings,
+    embed_task_inputs,
+    embed_tasks,
+    embeddings_table,
+    write_task_inputs,
+)
 from lookalike.extract import ExtractSettings, extract_batches, prepare_thumbs_dir
 from lookalike.layout import Layout
 from lookalike.load import LoadCounts, copy_embeddings, load_manifest
@@ -213,12 +220,12 @@ class Runner:
             tasks = embed_tasks(rows.num_rows, self.spark.sparkContext.defaultParallelism,
                                 settings.batch_size)
             with stage(f"embed {name}", rows.num_rows, self.spark):
-                # createDataFrame gives one partition per core; coalesce merges them (no shuffle)
-                # only when there is less than a model batch per core.
-                df = self.spark.createDataFrame(rows.select(["sha256", "thumb", "path"]),
-                                                schema="sha256 string, thumb string, path string")
-                df.coalesce(tasks).mapInPandas(partial(embed_batches, settings=settings, extract=extract),
-                                               schema=EMBED_DDL).write.mode("overwrite") \
+                files = write_task_inputs(rows.select(["sha256", "thumb", "path"]),
+                                          self.layout.stage(name, "embed-input"), tasks)
+                df = self.spark.createDataFrame(self.spark.sparkContext.parallelize(
+                    [(f,) for f in files], len(files)), "file string")  # one file a task
+                df.mapInPandas(partial(embed_task_inputs, settings=settings, extract=extract),
+                               schema=EMBED_DDL).write.mode("overwrite") \
                     .option("parquet.enable.dictionary", "false").parquet(str(out))  # all values distinct
         return embeddings_table(pq.read_table(out))
 
