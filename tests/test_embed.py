@@ -23,6 +23,7 @@ from lookalike.embed import (
     write_task_inputs,
 )
 from lookalike.extract import ExtractSettings, extract_file
+from lookalike.load import _vector_rows
 
 pytestmark = pytest.mark.skipif(not IMAGENET.is_dir(), reason=f"real photos missing: {IMAGENET}")
 
@@ -147,6 +148,11 @@ def test_embed_batches_vectors_and_errors(effnet: models.ModelSpec, tmp_path: Pa
         for blob, vec in zip(table["vector"].to_pylist(), vectors.to_pylist(), strict=True):
             assert vec is None if blob is None else np.array_equal(np.asarray(vec, np.float32),
                                                                    np.frombuffer(blob, np.float32))
+        # What the catalog load reads: numpy rows, None where the image failed.
+        batches = embeddings_table(table).to_batches(max_chunksize=2)
+        rows = [r for b in batches for r in _vector_rows(b["vector"])]
+        for blob, vec in zip(table["vector"].to_pylist(), rows, strict=True):
+            assert vec is None if blob is None else np.array_equal(vec, np.frombuffer(blob, np.float32))
 
 
 @pytest.mark.parametrize(("rows", "cores", "batch", "tasks"), [
