@@ -20,6 +20,7 @@ from lookalike.embed import (
     embeddings_table,
     read_thumbnail,
     task_cpus,
+    task_input,
     write_task_inputs,
 )
 from lookalike.extract import ExtractSettings, extract_file
@@ -169,12 +170,14 @@ def test_task_inputs_cover_every_row_once(tmp_path: Path) -> None:
     rows = pa.table({"sha256": [f"{i:064x}" for i in range(10)], "thumb": ["t"] * 10, "path": ["p"] * 10})
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "part-00007.parquet").write_bytes(b"a killed attempt's file")
-    files = write_task_inputs(rows, tmp_path / "in", 3)
-    assert sorted(p.name for p in (tmp_path / "in").iterdir()) == [Path(f).name for f in files]
+    write_task_inputs(rows, tmp_path / "in", 3)
+    files = [task_input(tmp_path / "in", task) for task in range(3)]
+    assert sorted((tmp_path / "in").iterdir()) == files
     parts = [pq.read_table(f) for f in files]
     assert [p.num_rows for p in parts] == [3, 3, 4]
     assert pa.concat_tables(parts).equals(rows)
-    assert pq.read_table(write_task_inputs(rows.slice(0, 0), tmp_path / "in", 1)[0]).num_rows == 0
+    write_task_inputs(rows.slice(0, 0), tmp_path / "in", 1)
+    assert pq.read_table(task_input(tmp_path / "in", 0)).num_rows == 0
 
 
 def test_task_cpus_outside_spark() -> None:

@@ -98,28 +98,33 @@ def embed_tasks(rows: int, parallelism: int, batch_size: int) -> int:
     return max(1, min(parallelism, math.ceil(rows / batch_size)))
 
 
-def write_task_inputs(rows: pa.Table, folder: Path, tasks: int) -> list[str]:
+def task_input(folder: str | Path, task: int) -> Path:
+    """The Parquet file of rows that embed task `task` embeds (written by write_task_inputs)."""
+    return Path(folder) / f"part-{task:05d}.parquet"
+
+
+def write_task_inputs(rows: pa.Table, folder: Path, tasks: int) -> None:
     """`rows` (sha256, thumb, path) cut into `tasks` Parquet files of consecutive rows, one a task.
 
-    The tasks carry only these file names: rows sent inside the tasks (~250 bytes each) would make
+    The tasks carry only their number: rows sent inside the tasks (~250 bytes each) would make
     ~125 MB tasks for a re-embed of 1M images on 2 cores, and Spark warned of "a task of very large
     size" from ~8k rows. `folder` is in the home, which executors share.
     """
     shutil.rmtree(folder, ignore_errors=True)  # a killed attempt's files
     folder.mkdir(parents=True)
     bounds = np.linspace(0, rows.num_rows, tasks + 1).astype(int)
-    files = [str(folder / f"part-{task:05d}.parquet") for task in range(tasks)]
-    for file, start, end in zip(files, bounds[:-1], bounds[1:], strict=True):
-        pq.write_table(rows.slice(int(start), int(end - start)), file)
-    return files
+    for task in range(tasks):
+        pq.write_table(rows.slice(int(bounds[task]), int(bounds[task + 1] - bounds[task])),
+                       task_input(folder, task))
 
 
-def embed_task_inputs(tasks: Iterator[pd.DataFrame], settings: EmbedSettings,
+def embed_task_inputs(tasks: Iterator[pd.DataFrame], folder: str, settings: EmbedSettings,
                       extract: ExtractSettings) -> Iterator[pd.DataFrame]:
-    """mapInPandas body: rows naming write_task_inputs' files in, embed_batches' rows out."""
+    """mapInPandas body over spark.range(tasks): each task number in, embed_batches' rows out for
+    the rows of its write_task_inputs file."""
     for task in tasks:
-        for file in task["file"]:
-            with pq.ParquetFile(file) as rows:
+        for number in task["id"]:
+            with pq.ParquetFile(task_input(folder, int(number))) as rows:
                 batches = (b.to_pandas() for b in rows.iter_batches(batch_size=TASK_INPUT_BATCH))
                 yield from embed_batches(batches, settings, extract)
 

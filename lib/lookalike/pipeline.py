@@ -220,12 +220,12 @@ class Runner:
             tasks = embed_tasks(rows.num_rows, self.spark.sparkContext.defaultParallelism,
                                 settings.batch_size)
             with stage(f"embed {name}", rows.num_rows, self.spark):
-                files = write_task_inputs(rows.select(["sha256", "thumb", "path"]),
-                                          self.layout.stage(name, "embed-input"), tasks)
-                df = self.spark.createDataFrame(self.spark.sparkContext.parallelize(
-                    [(f,) for f in files], len(files)), "file string")  # one file a task
-                df.mapInPandas(partial(embed_task_inputs, settings=settings, extract=extract),
-                               schema=EMBED_DDL).write.mode("overwrite") \
+                inputs = self.layout.stage(name, "embed-input")
+                write_task_inputs(rows.select(["sha256", "thumb", "path"]), inputs, tasks)
+                # One task number a partition; spark.range needs no Python worker of its own.
+                self.spark.range(tasks, numPartitions=tasks).mapInPandas(
+                    partial(embed_task_inputs, folder=str(inputs), settings=settings, extract=extract),
+                    schema=EMBED_DDL).write.mode("overwrite") \
                     .option("parquet.enable.dictionary", "false").parquet(str(out))  # all values distinct
         return embeddings_table(pq.read_table(out))
 
