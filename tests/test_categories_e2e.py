@@ -92,24 +92,37 @@ def test_model_change_reclusters_from_thumbnails_only(cfg: Config, archive: Path
     shutil.rmtree(archive)  # a recluster must not need a single original
     model = f"open_clip:{SMALL_CLIP}:{small_clip_ckpt}"
 
-    # A recluster that fails after embedding: recorded as failed, the old model stays active.
-    def no_space(*args: object, **kwargs: object) -> None:
-        raise OSError("No space left on device")
+    # Embedded in batches of 20, each committed. A recluster that fails while loading the second
+    # batch: recorded as failed, the old model stays active, the first batch's vectors stay.
+    cfg["scan"]["manifest_files"] = 20
+    from lookalike.recluster import copy_embeddings
 
-    monkeypatch.setattr("lookalike.recluster.fit_and_write", no_space)
+    loads = []
+
+    def no_space_the_second_time(*args: object) -> None:
+        loads.append(args)
+        if len(loads) == 2:
+            raise OSError("No space left on device")
+        copy_embeddings(*args)
+
+    monkeypatch.setattr("lookalike.recluster.copy_embeddings", no_space_the_second_time)
     with pytest.raises(OSError, match="No space"):
         recluster(cfg, model)
     assert active(cfg) == old_ver
     assert query(cfg, "SELECT kind, status, message FROM runs ORDER BY run_id")[-1] == (
         "recluster", "failed", "No space left on device")
     monkeypatch.undo()
+    (images,), = query(cfg, "SELECT count(*) FROM images")
+    (kept_vectors,), = query(cfg, "SELECT count(*) FROM image_embeddings WHERE model_ver <> %s", old_ver)
+    assert kept_vectors == 20 < images
 
-    # The next one keeps the vectors already made (none is embedded twice) and completes.
+    # The next one embeds only the images without a vector and completes.
     summary = recluster(cfg, model)
     new_ver = active(cfg)
     assert new_ver != old_ver and new_ver == summary.model_ver
-    assert summary.embedded == 0 and summary.images > 0
+    assert summary.embedded == images - 20 and summary.images == images
     one_row_per_embedded_image(cfg)
+    assert not list((cfg.home / "stages").glob("recluster-*")), "the failed attempt's stage is left"
     # The retired model's clusters stay (for the transition record) but are not the active ones.
     (kept,), = query(cfg, "SELECT count(*) FROM clusters WHERE model_ver = %s", old_ver)
     assert kept == old_clusters

@@ -66,11 +66,13 @@ def task_cpus() -> int:
     return max(1, context.cpus()) if context is not None else 1
 
 
-def read_thumbnail(sha256: str, thumb: str, path: str, extract: ExtractSettings) -> np.ndarray:
+def read_thumbnail(sha256: str, thumb: str, path: str | None, extract: ExtractSettings) -> np.ndarray:
     """The stored thumbnail decoded to (h, w, 3) uint8 RGB; if it was lost, made again from the
     original (same sha256 only)."""
     file = Path(extract.thumbs_dir) / thumb
     if not file.exists():
+        if path is None:  # every path of the image has since failed to read
+            raise OSError("thumbnail missing and no original of the image is catalogued")
         row = extract_file(path, extract)
         if row["error"] is not None:
             raise OSError(f"thumbnail missing and the original failed: {row['message']}")

@@ -4,6 +4,10 @@ No original is read: every image is embedded again from its stored 512-px thumbn
 new model's vectors and clusters are written beside the old ones, and the catalog's active
 model switches in one transaction at the end, so until then the old clusters stay in use.
 The switch also records how the old clusters map onto the new ones (cluster_transitions).
+
+Images are embedded a manifest's worth at a time (scan.manifest_files), each batch committed
+before the next: the driver holds one batch of vectors, not the catalog's (~5 GB at 1M images
+of 1280-d), and a killed recluster resumes with the images that have no vector yet.
 """
 
 from __future__ import annotations
@@ -11,12 +15,14 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import psycopg
 import pyarrow as pa
 
 from lookalike import db
+from lookalike.catalog import FIRST_PATH
 from lookalike.categories import assignment, cluster_config, fit_and_write, record_transitions
 from lookalike.config import Config
 from lookalike.load import copy_embeddings
@@ -54,12 +60,20 @@ def recluster(cfg: Config, model: str | None = None, wait: bool = False) -> Recl
                                   "RETURNING run_id", (spec.model_ver,)).fetchone()[0]
         try:
             runner = Runner(cfg, conn, vector_type)
-            rows = _images_to_embed(conn, spec.model_ver)
-            say(f"recluster: {rows.num_rows} of the catalog's images need {spec.model_ver} vectors")
-            if rows.num_rows:
-                embeddings = runner.embed(f"recluster-{run_id:06d}", rows, spec)
+            # Stages a killed recluster left behind: their vectors were committed or are made again.
+            for leftover in (cfg.home / "stages").glob("recluster-*"):
+                shutil.rmtree(leftover, ignore_errors=True)
+            todo = _count_to_embed(conn, spec.model_ver)
+            say(f"recluster: {todo} of the catalog's images need {spec.model_ver} vectors")
+            embedded = 0
+            batches = _images_to_embed(conn, spec.model_ver, cfg["scan"]["manifest_files"])
+            for part, rows in enumerate(batches):
+                stage_name = f"recluster-{run_id:06d}-{part:05d}"
+                embeddings = runner.embed(stage_name, rows, spec)
                 with conn.transaction(), conn.cursor() as cur:
                     copy_embeddings(cur, embeddings, vector_type, run_id)
+                shutil.rmtree(runner.layout.stages(stage_name), ignore_errors=True)
+                embedded += rows.num_rows
             n_clusters = 0
             with spilled_vectors(conn, spec.model_ver, vector_type, cfg.home / "scratch") as (ids, vectors), \
                     conn.transaction(), conn.cursor() as cur:
@@ -74,24 +88,39 @@ def recluster(cfg: Config, model: str | None = None, wait: bool = False) -> Recl
                     record_transitions(cur, old_ver, before, spec.model_ver)
                 db.set_meta(conn, "active_model", name)
                 db.set_meta(conn, "active_model_ver", spec.model_ver)
-                summary = ReclusterSummary(name, spec.model_ver, len(ids), rows.num_rows, n_clusters,
+                summary = ReclusterSummary(name, spec.model_ver, len(ids), embedded, n_clusters,
                                            time.monotonic() - started)
                 cur.execute("UPDATE runs SET status = 'ok', finished_at = now(), summary = %s "
                             "WHERE run_id = %s", (json.dumps(vars(summary)), run_id))
         except BaseException as e:
             db.mark_run_failed(conn, run_id, e)
             raise
-        shutil.rmtree(runner.layout.stages(f"recluster-{run_id:06d}"), ignore_errors=True)
         return summary
 
 
-def _images_to_embed(conn: psycopg.Connection, model_ver: str) -> pa.Table:
-    """(sha256, thumb, path) of every image without a vector of model_ver."""
-    rows = conn.execute(
-        "SELECT i.sha256, i.thumb_path, min(p.path) FROM images i JOIN image_paths p USING (image_id) "
-        "WHERE NOT EXISTS (SELECT 1 FROM image_embeddings e WHERE e.image_id = i.image_id "
-        "AND e.model_ver = %s) GROUP BY i.image_id ORDER BY i.image_id", (model_ver,)).fetchall()
-    cols = list(zip(*rows, strict=True)) if rows else [[], [], []]
-    return pa.table({"sha256": pa.array(cols[0], pa.string()), "thumb": pa.array(cols[1], pa.string()),
-                     "path": pa.array(cols[2], pa.string())})
+_WITHOUT_VECTOR = ("FROM images i WHERE NOT EXISTS (SELECT 1 FROM image_embeddings e "
+                   "WHERE e.image_id = i.image_id AND e.model_ver = %s)")
 
+
+def _count_to_embed(conn: psycopg.Connection, model_ver: str) -> int:
+    return conn.execute(f"SELECT count(*) {_WITHOUT_VECTOR}", (model_ver,)).fetchone()[0]
+
+
+def _images_to_embed(conn: psycopg.Connection, model_ver: str, batch: int) -> Iterator[pa.Table]:
+    """(sha256, thumb, path) of the images without a vector of model_ver, `batch` rows at a time.
+
+    Walked by image_id, so an image that cannot be embedded (an error row, no vector) is not
+    offered again within the run.
+    """
+    last = 0
+    while True:
+        rows = conn.execute(
+            f"SELECT i.image_id, i.sha256, i.thumb_path, {FIRST_PATH.format('i.image_id')} "
+            f"{_WITHOUT_VECTOR} AND i.image_id > %s ORDER BY i.image_id LIMIT %s",
+            (model_ver, last, batch)).fetchall()
+        if not rows:
+            return
+        last = rows[-1][0]
+        _, sha, thumb, path = zip(*rows, strict=True)
+        yield pa.table({"sha256": pa.array(sha, pa.string()), "thumb": pa.array(thumb, pa.string()),
+                        "path": pa.array(path, pa.string())})
