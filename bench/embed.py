@@ -56,6 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
 from lookalike import embed, models
 from lookalike.config import DEFAULTS_FILE, load_config
 from lookalike.extract import ExtractSettings, extract_file
+from lookalike.layout import Layout
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-dev"
 DEFAULTS = tomllib.loads(DEFAULTS_FILE.read_text())
@@ -310,7 +311,7 @@ def bench(args: argparse.Namespace, work: Path) -> None:
     from lookalike.pipeline import Runner
 
     home = work / "home"
-    shutil.rmtree(home / "stages", ignore_errors=True)
+    shutil.rmtree(Layout(home).all_stages, ignore_errors=True)
     args.cache_dir.mkdir(parents=True, exist_ok=True)
     home.mkdir(parents=True, exist_ok=True)
     if not (home / "models").exists():

@@ -10,6 +10,8 @@ from conftest import IMAGENET, UKBENCH
 
 from lookalike import db
 from lookalike.config import Config
+from lookalike.layout import Layout
+from lookalike.load import copy_embeddings
 from lookalike.pipeline import run
 from lookalike.recluster import recluster
 
@@ -95,8 +97,6 @@ def test_model_change_reclusters_from_thumbnails_only(cfg: Config, archive: Path
     # Embedded in batches of 20, each committed. A recluster that fails while loading the second
     # batch: recorded as failed, the old model stays active, the first batch's vectors stay.
     cfg["scan"]["manifest_files"] = 20
-    from lookalike.recluster import copy_embeddings
-
     loads = []
 
     def no_space_the_second_time(*args: object) -> None:
@@ -122,7 +122,7 @@ def test_model_change_reclusters_from_thumbnails_only(cfg: Config, archive: Path
     assert new_ver != old_ver and new_ver == summary.model_ver
     assert summary.embedded == images - 20 and summary.images == images
     one_row_per_embedded_image(cfg)
-    assert not list((cfg.home / "stages").glob("recluster-*")), "the failed attempt's stage is left"
+    assert not list(Layout(cfg.home).all_stages.glob("recluster-*")), "the failed attempt's stage is left"
     # The retired model's clusters stay (for the transition record) but are not the active ones.
     (kept,), = query(cfg, "SELECT count(*) FROM clusters WHERE model_ver = %s", old_ver)
     assert kept == old_clusters

@@ -25,9 +25,13 @@ class Layout:
     def manifest(self, manifest_id: str) -> Path:
         return self.manifests / f"{manifest_id}.parquet"
 
+    @property
+    def all_stages(self) -> Path:
+        return self.home / "stages"
+
     def stages(self, manifest_id: str) -> Path:
         """Every stage output of one manifest: kept until the manifest is loaded, for resuming."""
-        return self.home / "stages" / manifest_id
+        return self.all_stages / manifest_id
 
     def stage(self, manifest_id: str, name: str) -> Path:
         """A stage's Parquet output for one manifest (a Spark output folder with _SUCCESS)."""

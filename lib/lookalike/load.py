@@ -140,11 +140,10 @@ def copy_embeddings(cur: psycopg.Cursor, embeddings: pa.Table, vector_type: str,
         # Batch by batch, the vectors as numpy rows: to_pylist() made a Python float of every
         # element (25M for a manifest of 20k images, ~1 GB and seconds).
         for batch in embeddings.to_batches(max_chunksize=1024):
-            vectors = _vector_rows(batch.column("vector"))
-            for i, (sha, ver, error, message) in enumerate(zip(
+            for vec, sha, ver, error, message in zip(
+                    _vector_rows(batch.column("vector")),
                     *(batch.column(c).to_pylist() for c in ("sha256", "model_ver", "error", "message")),
-                    strict=True)):
-                vec = vectors[i]
+                    strict=True):
                 copy.write_row([sha, ver, None if vec is None else vector_to_db(vec, vector_type), error,
                                 message])
     cur.execute("INSERT INTO image_embeddings (image_id, model_ver, embedding) "

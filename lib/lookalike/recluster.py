@@ -61,7 +61,7 @@ def recluster(cfg: Config, model: str | None = None, wait: bool = False) -> Recl
         try:
             runner = Runner(cfg, conn, vector_type)
             # Stages a killed recluster left behind: their vectors were committed or are made again.
-            for leftover in (cfg.home / "stages").glob("recluster-*"):
+            for leftover in runner.layout.all_stages.glob("recluster-*"):
                 shutil.rmtree(leftover, ignore_errors=True)
             todo = _count_to_embed(conn, spec.model_ver)
             say(f"recluster: {todo} of the catalog's images need {spec.model_ver} vectors")
