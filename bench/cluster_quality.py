@@ -36,7 +36,7 @@ from sklearn.cluster import AgglomerativeClustering, MiniBatchKMeans
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
-from lookalike.clustering import (
+from lookalike.cluster.algorithm import (
     ClusterConfig,
     assign,
     assign_incremental,
@@ -44,7 +44,8 @@ from lookalike.clustering import (
     fit_clusters,
     should_refit,
 )
-from lookalike.models import get_embedder, resolve_model
+from lookalike.models.registry import resolve_model
+from lookalike.models.runtime import get_embedder
 
 DATA = Path("/work/shared/data/imagenet-dev")
 CACHE = Path("/tmp/lookalike-bench")
@@ -292,7 +293,7 @@ def main() -> None:
     truth = np.array([r["category"] for r in meta])
     sx, struth = structured()
     seeds = list(range(2 if args.quick else 5))
-    cfg = ClusterConfig()
+    cfg = ClusterConfig.defaults()
     t = time.perf_counter()
     print(cfg)
     compare(x, truth, cfg, seeds)

@@ -25,7 +25,7 @@ import numpy as np
 from sklearn.metrics import adjusted_rand_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
-from lookalike.clustering import ClusterConfig, assign, assign_incremental, fit_clusters
+from lookalike.cluster.algorithm import ClusterConfig, assign, assign_incremental, fit_clusters
 
 
 @dataclass
@@ -89,7 +89,7 @@ def main() -> None:
     args = ap.parse_args()
     n = args.n or (100_000 if args.quick else 1_000_000)
     faiss.omp_set_num_threads(args.threads)
-    cfg = ClusterConfig()
+    cfg = ClusterConfig.defaults()
     data = Synthetic.make(args.centres, args.dim)
     stream = data.batches(n)
 

@@ -6,7 +6,7 @@
 All figures come from the same thumbnails, made once at the start:
 1. Thumbnails: the imagenet-dev photos and mirrored, flipped and rotated copies of them (distinct
    real images), turned into 512-px thumbnails by the extract stage's own code (extract_file).
-2. The embed stage as a pipeline run does it (pipeline.Runner.embed on Spark local[2]: workers
+2. The embed stage as a pipeline run does it (driver.stages.SparkStages.embed on Spark local[2]: workers
    read and decode the thumbnails, embed them, the Parquet output is written and read back).
    Once cold: fresh Python workers that import the libraries and load the model. Then twice
    warm: the same workers with their loaded model, as for every manifest after a run's first
@@ -53,10 +53,11 @@ import pyarrow.compute as pc
 from PIL import Image, ImageOps
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
-from lookalike import embed, models
 from lookalike.config import DEFAULTS_FILE, load_config
-from lookalike.extract import ExtractSettings, extract_file
 from lookalike.layout import Layout
+from lookalike.models import preprocess, registry, runtime
+from lookalike.stages import embed
+from lookalike.stages.extract import ExtractSettings, extract_file
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-dev"
 DEFAULTS = tomllib.loads(DEFAULTS_FILE.read_text())
@@ -146,7 +147,7 @@ def cpu_delta(before: dict[int, dict[str, Any]], after: dict[int, dict[str, Any]
 # --------------------------------------------------------------------------- the stage
 
 
-def run_stage(runner: Any, rows: pa.Table, spec: models.ModelSpec, name: str) -> dict[str, Any]:
+def run_stage(runner: Any, rows: pa.Table, spec: registry.ModelSpec, name: str) -> dict[str, Any]:
     before, self_before = spark_processes(), resource.getrusage(resource.RUSAGE_SELF)
     started = time.perf_counter()
     out = runner.embed(name, rows, spec)
@@ -185,12 +186,12 @@ def child(spec_file: Path, rows_file: Path, backend: str, threads: int, shard: i
     spec = pickle.loads(spec_file.read_bytes())
     rows = pickle.loads(rows_file.read_bytes())[:limit]
     started = time.perf_counter()
-    embedder = models.get_embedder(spec, backend=backend, cache_dir=cache_dir, threads=threads,
+    embedder = runtime.get_embedder(spec, backend=backend, cache_dir=cache_dir, threads=threads,
                                    batch_size=batch)
     load_s, model_rss = time.perf_counter() - started, _hwm_mb()
     extract = ExtractSettings(str(cache_dir.parent / "thumbs"))
     mine = [start for i, start in enumerate(range(0, len(rows), batch)) if i % shards == shard]
-    write = models.pixel_writer(spec.preprocess)
+    write = preprocess.pixel_writer(spec.preprocess)
     pixels = np.empty((sum(len(rows[s : s + batch]) for s in mine), 3, *spec.preprocess.size), np.float32)
     batches: list[np.ndarray] = []
     for _ in range(2):  # the first round warms caches (resize matrices per crop size, fresh memory)
@@ -262,12 +263,12 @@ def raw_forward(args: argparse.Namespace, backend: str, threads: int, processes:
 # --------------------------------------------------------------------------- main
 
 
-def vit_spec(tmp: Path) -> tuple[models.ModelSpec, str]:
+def vit_spec(tmp: Path) -> tuple[registry.ModelSpec, str]:
     try:
-        return models.resolve_model(models.CLIP_B32), "CLIP weights"
-    except models.WeightsNotFoundError:
+        return registry.resolve_model(registry.CLIP_B32), "CLIP weights"
+    except registry.WeightsNotFoundError:
         pass
-    from lookalike.torch_compat import ensure_torchvision
+    from lookalike.models.torch_compat import ensure_torchvision
 
     ensure_torchvision()
     import open_clip
@@ -276,7 +277,7 @@ def vit_spec(tmp: Path) -> tuple[models.ModelSpec, str]:
     ckpt = tmp / "vit-b-32-random.pt"
     torch.manual_seed(0)  # same bytes every run, so the same model_ver and the cached ONNX export is reused
     torch.save(open_clip.create_model("ViT-B-32").state_dict(), ckpt)
-    return models.resolve_model(f"open_clip:ViT-B-32:{ckpt}"), "random init: speed only"
+    return registry.resolve_model(f"open_clip:ViT-B-32:{ckpt}"), "random init: speed only"
 
 
 def main() -> None:
@@ -308,7 +309,7 @@ def main() -> None:
 
 
 def bench(args: argparse.Namespace, work: Path) -> None:
-    from lookalike.pipeline import Runner
+    from lookalike.driver.stages import SparkStages
 
     home = work / "home"
     shutil.rmtree(Layout(home).all_stages, ignore_errors=True)
@@ -324,15 +325,15 @@ def bench(args: argparse.Namespace, work: Path) -> None:
           f"extract_file in {time.perf_counter() - started:.0f} s; {os.cpu_count()} cores, {load()}",
           flush=True)
 
-    spec, note = (models.resolve_model(models.EFFNET), "ImageNet weights") if args.model == "effnet" \
+    spec, note = (registry.resolve_model(registry.EFFNET), "ImageNet weights") if args.model == "effnet" \
         else vit_spec(work)
     config = work / "bench.toml"
     config.write_text(f'[embed]\nbackend = "onnx"\nbatch_size = {args.batch}\n')
     os.environ["LOOKALIKE_SPARK_MASTER"] = f"local[{CORES}]"
-    runner = Runner(load_config(config, home), None, "bytea")  # the embed stage needs no catalog
+    runner = SparkStages(load_config(config, home), Layout(home))  # the embed stage needs no catalog
     started = time.perf_counter()
-    exported = not models.onnx_path(spec, args.cache_dir).exists()
-    runner._embedder_settings(spec)  # the driver's one-time ONNX export (verified on these thumbnails)
+    exported = not runtime.onnx_path(spec, args.cache_dir).exists()
+    runner._embed_settings(spec)  # the driver's one-time ONNX export (verified on these thumbnails)
     export_s = time.perf_counter() - started
     args.spec_file, args.rows_file = work / "spec.pickle", work / "rows.pickle"
     args.spec_file.write_bytes(pickle.dumps(spec))

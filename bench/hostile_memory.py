@@ -11,7 +11,7 @@ Each is extracted by extract_file in a fresh Python process, as a Spark worker w
 the configured extract.max_read_bytes (files up to it are held in memory once, larger ones
 streamed in chunks) and, for the PNG, again with a 4 MB limit to force streaming. Printed per
 case: the outcome, seconds, MB read through read() (/proc/self/io rchar), the worker's peak
-RSS (VmHWM) and how far the extract took it above the RSS after `import lookalike.extract`.
+RSS (VmHWM) and how far the extract took it above the RSS after `import lookalike.stages.extract`.
 The zero tail of jpeghead.jpg decodes as grey (libjpeg reads zeros as valid data), so it is
 catalogued: the case is here for the memory of a 2.5 GiB streamed read.
 """
@@ -34,7 +34,7 @@ import hostile  # noqa: E402  (the tests' corpus generator)
 # Peak RSS is VmHWM, not ru_maxrss: a child's ru_maxrss starts at its parent's RSS at fork.
 WORKER = """
 import json, sys, tempfile, time
-from lookalike.extract import ExtractSettings, extract_file
+from lookalike.stages.extract import ExtractSettings, extract_file
 
 def proc(name, key):
     with open(f"/proc/self/{name}") as f:

@@ -41,8 +41,8 @@ import numpy as np
 import psycopg
 
 from lookalike import db
-from lookalike.categories import fit_size_key
-from lookalike.vectors import read_vectors
+from lookalike.cluster.store import fit_size_key
+from lookalike.db.vector_io import read_vectors, vector_to_db
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -173,7 +173,7 @@ def _grow_vectors(cur: psycopg.Cursor, model_ver: str, ids: np.ndarray, pick: np
                   "FROM STDIN (FORMAT BINARY)") as copy:
         copy.set_types(["int8", "text", vector_type])
         for image_id, vec in zip(ids.tolist(), clones, strict=True):
-            copy.write_row((image_id, model_ver, db.vector_to_db(vec, vector_type)))
+            copy.write_row((image_id, model_ver, vector_to_db(vec, vector_type)))
     cluster_of = dict(cur.execute("SELECT image_id, cluster_id FROM image_cluster WHERE model_ver = %s",
                                   (model_ver,)).fetchall())
     members = [(i, cluster_of[seed_ids[s]]) for i, s in zip(ids.tolist(), pick.tolist(), strict=True)

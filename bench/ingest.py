@@ -28,8 +28,8 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
-from lookalike.extract import ExtractSettings, _to_rgb, decode_thumbnail, extract_file
-from lookalike.hashing import dihedral_phashes, image_hashes
+from lookalike.stages.extract import ExtractSettings, _to_rgb, decode_thumbnail, extract_file
+from lookalike.stages.hashing import dihedral_phashes, image_hashes
 
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parent.parent / "shared"
@@ -103,7 +103,7 @@ def worker_peak_rss(files: list[Path]) -> float:
     # VmHWM is the process's own peak; ru_maxrss would include the parent's, inherited at fork.
     code = (
         "import sys, tempfile\n"
-        "from lookalike.extract import ExtractSettings, extract_file\n"
+        "from lookalike.stages.extract import ExtractSettings, extract_file\n"
         "with tempfile.TemporaryDirectory() as d:\n"
         "    for p in sys.argv[1:]:\n"
         "        assert extract_file(p, ExtractSettings(d))['error'] is None\n"
@@ -117,8 +117,8 @@ def worker_peak_rss(files: list[Path]) -> float:
 def spark_stage(root: Path) -> tuple[int, float]:
     """Files and seconds of a real run (local[2]: scan, extract, load), the JVM already started."""
     from lookalike.config import load_config
-    from lookalike.pipeline import run
-    from lookalike.spark import get_spark
+    from lookalike.driver.ingest import run
+    from lookalike.driver.spark import get_spark
 
     os.environ["LOOKALIKE_SPARK_MASTER"] = "local[2]"
     with tempfile.TemporaryDirectory() as home:

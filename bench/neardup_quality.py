@@ -42,7 +42,7 @@ def catalog(home: Path, root: Path) -> tuple[dict[str, int], set[tuple[int, int]
     """(path -> image_id, detected pairs, image -> group, pHash-only baseline pairs)."""
     from lookalike import db
     from lookalike.config import load_config
-    from lookalike.pipeline import run
+    from lookalike.driver.ingest import run
 
     cfg = load_config(None, home)
     print(run(cfg, [str(root)]).describe())

@@ -47,16 +47,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from lookalike import neardup as nd
-from lookalike.dedup import (
-    EXACT_UP_TO,
-    DedupIndexes,
-    NearDupConfig,
-    NewImages,
-    find_pairs,
-    new_vector_index,
-)
-from lookalike.neardup import TRAIN_SAMPLE
+from lookalike.db.vector_io import vector_to_db
+from lookalike.dedup.indexes import EXACT_UP_TO, DedupIndexes, new_vector_index
+from lookalike.dedup.pairs import NearDupConfig, NewImages, find_pairs
+from lookalike.index.hamming import HashIndex, hash_to_bytes
+from lookalike.index.ivf import TRAIN_SAMPLE, VectorIndex, _default_nlist
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -317,7 +312,7 @@ def build(n: int, dim: int, batch: int, work: Path, seed: int) -> dict:
     vectors = new_vector_index(DedupIndexes.vector_folder(folder, MODEL_VER), dim, n, sample)
     t_train = time.time() - t
     del sample
-    hashes = nd.HashIndex()
+    hashes = HashIndex()
     t_add_hash = t_add_vec = 0.0
     for start in range(0, n, CHUNK):
         t = time.time()
@@ -433,7 +428,7 @@ def pg_fetch(n: int, dim: int, seed: int) -> None:
     timed against an embedded PostgreSQL catalog of n random vectors."""
     from lookalike import db
     from lookalike.config import load_config
-    from lookalike.dedup import stored_vectors
+    from lookalike.dedup.store import stored_vectors
 
     rng = np.random.default_rng(seed)
     with tempfile.TemporaryDirectory(prefix="neardup_pg_") as home:
@@ -452,7 +447,7 @@ def pg_fetch(n: int, dim: int, seed: int) -> None:
                 for start in range(1, n + 1, CHUNK):
                     vecs = nd_normalize(rng.standard_normal((min(CHUNK, n + 1 - start), dim), np.float32))
                     for j, v in enumerate(vecs):
-                        copy.write_row((start + j, MODEL_VER, db.vector_to_db(v, vt)))
+                        copy.write_row((start + j, MODEL_VER, vector_to_db(v, vt)))
         conn.execute("VACUUM ANALYZE image_embeddings")
         print(f"embedded PostgreSQL catalog of {n:,} x {dim} vectors (column type {vt}) "
               f"in {time.time() - t:.0f}s")
@@ -488,9 +483,9 @@ def compare_hash(n: int, nq: int, seed: int) -> None:
     n_dup = nq // 4
     fresh = crop_hashes(integrals, nq - n_dup, rng)
     dups = flip_bits(cat[rng.integers(0, min(POOL, n), n_dup)], rng.integers(0, 9, n_dup), rng)
-    q = nd.hash_to_bytes(np.concatenate([dups, fresh[:, 0]]))
-    q_orient = nd.hash_to_bytes(fresh[:, 1:].reshape(-1))
-    codes = nd.hash_to_bytes(cat)
+    q = hash_to_bytes(np.concatenate([dups, fresh[:, 0]]))
+    q_orient = hash_to_bytes(fresh[:, 1:].reshape(-1))
+    codes = hash_to_bytes(cat)
     print(f"catalog {n:,} realistic pHashes; {nq:,} queries (25% near-dups) and {len(q_orient):,} "
           f"flipped/rotated ones; faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads")
     tasks = (("phash r=8", q, 8), ("phash r=10", q, 10),
@@ -529,7 +524,7 @@ def compare_hash(n: int, nq: int, seed: int) -> None:
     before = rss_now_mb()
     t = time.time()
     ids = np.arange(n, dtype=np.int64)
-    index = nd.HashIndex()
+    index = HashIndex()
     for s in range(0, n, CHUNK):
         index.add(ids[s : s + CHUNK], cat[s : s + CHUNK])
     print(f"  numpy multi-index hashing 3x21 (neardup.HashIndex): build {time.time() - t:.1f}s "
@@ -615,9 +610,9 @@ def compare_vector(n: int, dim: int, nq: int, n_truth: int, seed: int) -> None:
     # (dims kept, bits a coordinate in the lists, candidates re-ranked per k): 128 bytes a vector
     # in RAM each; (256, 4, 4) was the default until the 8-bit lists
     for keep, bits, cands in ((256, 4, 4), (256, 4, 2), (128, 8, 4), (128, 8, 2)):
-        vi = nd.VectorIndex(dim, keep_dims=keep, bits=bits, candidates=cands)
+        vi = VectorIndex(dim, keep_dims=keep, bits=bits, candidates=cands)
         t = time.time()
-        vi.train(model.photos(rng.integers(0, len(model.centres), min(n, 64 * nd._default_nlist(n))), rng),
+        vi.train(model.photos(rng.integers(0, len(model.centres), min(n, 64 * _default_nlist(n))), rng),
                  expected_size=n)
         t_train = time.time() - t
         t = time.time()
@@ -675,9 +670,10 @@ def calibrate(nd_dir: Path) -> None:
     extract's 512-px thumbnail, hashing's pHash, dihedral_phashes and the EfficientNet embedder."""
     import pandas as pd
 
-    from lookalike.extract import ExtractSettings, decode_thumbnail
-    from lookalike.hashing import dihedral_phashes, image_hashes
-    from lookalike.models import get_embedder, resolve_model
+    from lookalike.models.registry import resolve_model
+    from lookalike.models.runtime import get_embedder
+    from lookalike.stages.extract import ExtractSettings, decode_thumbnail
+    from lookalike.stages.hashing import dihedral_phashes, image_hashes
 
     truth = pd.read_csv(nd_dir / "truth.csv", keep_default_na=False)
     embedder = get_embedder(resolve_model("effnet-lite0"), backend="torch")
@@ -764,10 +760,9 @@ def main() -> None:
     a = ap.parse_args()
     sizes = a.sizes or ([50_000, 250_000] if a.quick else [1_000_000, 5_000_000])
     batch = a.batch or (2_000 if a.quick else 10_000)
-    from lookalike.config import load_config
-    from lookalike.dedup import neardup_config
+    from lookalike.dedup.pairs import NearDupConfig
 
-    cfg = neardup_config(load_config()["neardup"])  # the defaults of conf/lookalike.toml
+    cfg = NearDupConfig.defaults()  # the defaults of conf/lookalike.toml
     if a.child == "build":
         print(json.dumps(build(sizes[0], a.dim, batch, a.work, a.seed)))
     elif a.child == "query":

@@ -38,8 +38,8 @@ import pytest
 from conftest import IMAGENET, REPO, UKBENCH
 from PIL import Image
 
-from lookalike import db
 from lookalike.config import Config
+from lookalike.db.vector_io import vector_from_db
 
 CLI = REPO / ".venv" / "bin" / "lookalike"
 IMAGENET_FILES = 60
@@ -115,7 +115,7 @@ def _vectors(conn: psycopg.Connection, sql: str) -> dict[tuple[str, ...], Close]
     """Rows ending in a pgvector or bytea column -> {leading columns: Close(vector)}."""
     out = {}
     for *key, value in conn.execute(sql):
-        out[tuple(key)] = Close(tuple(float(v) for v in db.vector_from_db(value)))
+        out[tuple(key)] = Close(tuple(float(v) for v in vector_from_db(value)))
     return out
 
 

@@ -28,8 +28,9 @@ from psycopg.types.json import Jsonb
 
 from lookalike import Catalog, db
 from lookalike.config import load_config
-from lookalike.pipeline import run
-from lookalike.search import hamming_sql
+from lookalike.db.sql import hamming_sql
+from lookalike.db.vector_io import vector_to_db
+from lookalike.driver.ingest import run
 
 CATEGORIES = ("dog", "bird", "vehicle", "food", "fish", "structure")
 PER_CATEGORY = 5
@@ -87,7 +88,7 @@ def _add_retired_model(conn: psycopg.Connection) -> None:
     ids = [r[0] for r in conn.execute("SELECT image_id FROM images ORDER BY image_id LIMIT 3")]
     with conn.transaction():
         # A different dimension too: any query that forgot the model_ver filter fails loudly.
-        centroid = db.vector_to_db(np.array([1.0, 0.0, 0.0]), vector_type)
+        centroid = vector_to_db(np.array([1.0, 0.0, 0.0]), vector_type)
         cluster_id = conn.execute("INSERT INTO clusters (model_ver, centroid, size) VALUES (%s, %s, %s) "
                                   "RETURNING cluster_id", (RETIRED, centroid, len(ids))).fetchone()[0]
         for image_id in ids:
@@ -162,7 +163,7 @@ def _copy_table(src: psycopg.Connection, dst: psycopg.Connection, table: str) ->
 def _bytea_value(value: object) -> object:
     if isinstance(value, dict):
         return Jsonb(value)  # runs.summary
-    return db.vector_to_db(value.to_numpy(), "bytea") if hasattr(value, "to_numpy") else value
+    return vector_to_db(value.to_numpy(), "bytea") if hasattr(value, "to_numpy") else value
 
 
 @pytest.fixture(scope="module")

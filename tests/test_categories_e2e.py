@@ -10,10 +10,10 @@ from conftest import IMAGENET, UKBENCH
 
 from lookalike import db
 from lookalike.config import Config
+from lookalike.db.load import copy_embeddings
+from lookalike.driver.ingest import run
+from lookalike.driver.recluster import recluster
 from lookalike.layout import Layout
-from lookalike.load import copy_embeddings
-from lookalike.pipeline import run
-from lookalike.recluster import recluster
 
 pytestmark = pytest.mark.slow
 
@@ -50,7 +50,7 @@ def archive(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def small_clip_ckpt(tmp_path: Path) -> Path:
-    from lookalike.torch_compat import ensure_torchvision
+    from lookalike.models.torch_compat import ensure_torchvision
 
     ensure_torchvision()
     import open_clip
@@ -105,7 +105,7 @@ def test_model_change_reclusters_from_thumbnails_only(cfg: Config, archive: Path
             raise OSError("No space left on device")
         copy_embeddings(*args)
 
-    monkeypatch.setattr("lookalike.recluster.copy_embeddings", no_space_the_second_time)
+    monkeypatch.setattr("lookalike.driver.recluster.copy_embeddings", no_space_the_second_time)
     with pytest.raises(OSError, match="No space"):
         recluster(cfg, model)
     assert active(cfg) == old_ver

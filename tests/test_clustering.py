@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score
 
-from lookalike.clustering import (
+from lookalike.cluster.algorithm import (
     ClusterConfig,
     assign,
     assign_incremental,
@@ -45,14 +45,14 @@ def stream(x: np.ndarray, size: int = 97) -> Callable[[], Iterator[np.ndarray]]:
 
 
 def test_derive_k() -> None:
-    cfg = ClusterConfig(k_per_sqrt_n=1.0, k_max=500)
+    cfg = ClusterConfig.defaults(k_per_sqrt_n=1.0, k_max=500)
     assert derive_k(10_000, cfg) == 100
     assert derive_k(10**8, cfg) == 500
-    assert derive_k(3, ClusterConfig(k=10)) == 3  # never more clusters than vectors
+    assert derive_k(3, ClusterConfig.defaults(k=10)) == 3  # never more clusters than vectors
 
 
 def test_should_refit() -> None:
-    cfg = ClusterConfig(refit_growth=2.0)
+    cfg = ClusterConfig.defaults(refit_growth=2.0)
     assert not should_refit(1000, 1999, cfg)
     assert should_refit(1000, 2000, cfg)
     assert should_refit(0, 1, cfg)
@@ -61,7 +61,7 @@ def test_should_refit() -> None:
 def test_fit_recovers_separated_clusters_by_merging_overclustered_pieces(centres: np.ndarray) -> None:
     # Arrives ordered by blob, as archives arrive by folder: the uniform sample must cope.
     x, truth = blobs(centres, 300, 0.4, seed=1)
-    cfg = ClusterConfig(k_per_sqrt_n=1.0, merge_cosine=0.8, batch_size=256, seed=3)
+    cfg = ClusterConfig.defaults(k_per_sqrt_n=1.0, merge_cosine=0.8, batch_size=256, seed=3)
     fit = fit_clusters(stream(x), len(x), cfg)
     assert fit.k_fit == derive_k(len(x), cfg) == 42  # over-clustered: 42 pieces of 6 blobs
     assert len(fit.centroids) == 6  # ... merged back into the blobs
@@ -75,7 +75,7 @@ def test_fit_recovers_separated_clusters_by_merging_overclustered_pieces(centres
 
 def test_fit_without_merge_keeps_k_and_drops_empty(centres: np.ndarray) -> None:
     x, _ = blobs(centres[:2], 50, 0.3, seed=4)
-    fit = fit_clusters(stream(x), len(x), ClusterConfig(k=8, merge_cosine=1.01))
+    fit = fit_clusters(stream(x), len(x), ClusterConfig.defaults(k=8, merge_cosine=1.01))
     assert fit.k_fit == 8 and 2 <= len(fit.sizes) <= 8
     assert (fit.sizes > 0).all() and fit.sizes.sum() == len(x)
 
@@ -90,7 +90,7 @@ def test_fit_streams_batches_and_never_needs_the_full_array(centres: np.ndarray)
             yield blobs(centres, 20 + i, 0.4, seed=100 + i)[0]
 
     n = sum(6 * (20 + i) for i in range(12))
-    cfg = ClusterConfig(merge_cosine=0.8, batch_size=128, passes=2)
+    cfg = ClusterConfig.defaults(merge_cosine=0.8, batch_size=128, passes=2)
     fit = fit_clusters(batches, n, cfg)
     assert len(calls) == cfg.passes + 3  # sample, 2 partial_fit passes, Lloyd pass, counting pass
     assert fit.sizes.sum() == n
@@ -143,7 +143,7 @@ def test_assign_nearest_and_empty(centres: np.ndarray) -> None:
 def test_assign_incremental_joins_pools_then_seeds(centres: np.ndarray) -> None:
     existing, new_blob = centres[:3], centres[5]
     sizes = np.array([100, 50, 10], dtype=np.int64)
-    cfg = ClusterConfig(join_cosine=0.7, merge_cosine=0.9, pool_min=30)
+    cfg = ClusterConfig.defaults(join_cosine=0.7, merge_cosine=0.9, pool_min=30)
     near0, _ = blobs(existing[:1], 20, 0.3, seed=8)
     novel, _ = blobs(new_blob[None], 20, 0.3, seed=9)
     none = np.empty((0, DIM), np.float32)
@@ -176,7 +176,7 @@ def test_assign_incremental_joins_pools_then_seeds(centres: np.ndarray) -> None:
 
 def test_assign_incremental_seeds_close_to_existing_are_absorbed(centres: np.ndarray) -> None:
     # join_cosine so strict that everything pools; the seed lands on cluster 1 and merges into it.
-    cfg = ClusterConfig(join_cosine=0.999, merge_cosine=0.9, pool_min=10)
+    cfg = ClusterConfig.defaults(join_cosine=0.999, merge_cosine=0.9, pool_min=10)
     near1, _ = blobs(centres[1:2], 40, 0.2, seed=11)
     r = assign_incremental(centres[:3], np.array([5, 5, 5]), near1, np.empty((0, DIM)), cfg)
     assert len(r.new) == 0 and list(r.changed) == [1]
@@ -185,7 +185,7 @@ def test_assign_incremental_seeds_close_to_existing_are_absorbed(centres: np.nda
 
 
 def test_assign_incremental_from_nothing_and_stable_indices(centres: np.ndarray) -> None:
-    cfg = ClusterConfig(join_cosine=0.7, merge_cosine=0.9, pool_min=10)
+    cfg = ClusterConfig.defaults(join_cosine=0.7, merge_cosine=0.9, pool_min=10)
     x, truth = blobs(centres[:2], 30, 0.3, seed=12)
     r = assign_incremental(np.empty((0, DIM)), np.empty(0, np.int64), x, np.empty((0, DIM)), cfg)
     assert not r.pooled.any() and len(r.centroids) == len(r.new) >= 2

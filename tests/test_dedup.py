@@ -14,12 +14,18 @@ import pytest
 from conftest import IMAGENET
 from PIL import Image, ImageOps
 
-from lookalike import db, dedup
+from lookalike import db
 from lookalike.config import Config
-from lookalike.dedup import DedupIndexes, NearDupConfig, NewImages, find_pairs, merge_groups
-from lookalike.hashing import dihedral_phashes, image_hashes
-from lookalike.neardup import ExactVectorIndex, HashIndex, VectorIndex
-from lookalike.pipeline import run
+from lookalike.db.vector_io import vector_to_db
+from lookalike.dedup import indexes as dedup_indexes
+from lookalike.dedup.indexes import DedupIndexes
+from lookalike.dedup.pairs import NearDupConfig, NewImages, find_pairs
+from lookalike.dedup.store import merge_groups
+from lookalike.driver.ingest import run
+from lookalike.index.exact import ExactVectorIndex
+from lookalike.index.hamming import HashIndex
+from lookalike.index.ivf import VectorIndex
+from lookalike.stages.hashing import dihedral_phashes, image_hashes
 
 PHOTOS = sorted(IMAGENET.glob("*.JPEG"))
 
@@ -115,7 +121,7 @@ def test_find_pairs_against_the_catalog_and_within_the_batch() -> None:
     vecs = np.stack([catalog_vecs[9], far[1], far[1]])  # 501 is a copy of 10; 502, 503 are alike
     new = new_images([501, 502, 503], [near_hash, 12345, -999], vecs)
     stored = dict(zip(range(1, 201), catalog_vecs, strict=True))
-    got = find_pairs(new, hashes, vectors, NearDupConfig(), from_dict(stored))
+    got = find_pairs(new, hashes, vectors, NearDupConfig.defaults(), from_dict(stored))
     assert list(got.columns) == ["image_id", "other_id", "method", "distance"]
     assert {(10, 501, "phash"), (10, 501, "embedding"), (502, 503, "embedding")} <= found(got)
     assert (got["image_id"] < got["other_id"]).all()
@@ -132,7 +138,7 @@ def test_a_far_hash_match_needs_alike_embeddings() -> None:
     vectors = ExactVectorIndex(64)
     vectors.add(np.array([1, 2, 3]), cat_vecs)
     unrelated = unit(rng.normal(size=(3, 64)))
-    cfg = NearDupConfig()
+    cfg = NearDupConfig.defaults()
     new = new_images([11, 12, 13, 14, 15],
                      [flip(cat_hashes[0], 1, 5, 9, 20, 30),      # 5 bits from 1, unrelated
                       flip(cat_hashes[1], 4, 7),                 # 2 bits from 2, unrelated
@@ -156,7 +162,7 @@ def test_hash_matches_are_capped_per_new_image_closest_first() -> None:
     blank = np.int64(0x7FFF000000000000)
     cat_hashes = [flip(blank, *range(i % 5)) for i in range(300)]  # 0-4 bits from blank
     hashes = HashIndex(np.arange(1, 301), np.array(cat_hashes, np.int64))
-    cfg = NearDupConfig(max_hash_matches=50)
+    cfg = NearDupConfig.defaults(max_hash_matches=50)
     new = new_images([1001, 1002], [int(blank), int(blank)], None)
     got = find_pairs(new, hashes, ExactVectorIndex(8), cfg, from_dict({}))
     plain = got[got["method"] == "phash"]
@@ -184,7 +190,7 @@ def test_embedding_threshold_is_decided_on_the_stored_vectors(kind: str) -> None
     calls: list[np.ndarray] = []
     new = new_images(list(range(1001, 1001 + n)), list(rng.integers(-2**63, 2**63 - 1, n)), queries)
     stored = dict(zip(ids.tolist(), catalog, strict=True))
-    got = find_pairs(new, HashIndex(), vectors, NearDupConfig(k=3), from_dict(stored, calls))
+    got = find_pairs(new, HashIndex(), vectors, NearDupConfig.defaults(k=3), from_dict(stored, calls))
     emb = got[got["method"] == "embedding"]
     exact = (queries * catalog).sum(1)
     assert set(emb["image_id"]) == set(ids[exact >= 0.80])
@@ -255,7 +261,7 @@ def test_find_pairs_on_real_photos(photos: list[Image.Image], kind: str) -> None
         photos[55],                                                        # 104: unrelated, new
         photos[56], reencode(photos[56], 0.7)])                            # 105, 106: new near-duplicates
     stored = dict(zip(catalog.ids.tolist(), catalog.vectors, strict=True))
-    got = find_pairs(new, hashes, vectors, NearDupConfig(), from_dict(stored))
+    got = find_pairs(new, hashes, vectors, NearDupConfig.defaults(), from_dict(stored))
     assert {(1, 101, "phash"), (1, 101, "embedding"), (2, 102, "phash"), (2, 102, "embedding"),
             (3, 103, "phash_orient"), (105, 106, "phash"), (105, 106, "embedding")} <= found(got)
     assert not (got[["image_id", "other_id"]] == 104).any().any()  # the unrelated photo
@@ -272,7 +278,7 @@ def test_dihedral_hashes_find_flipped_and_rotated_copies(photos: list[Image.Imag
     def bits(a: np.ndarray, b: np.int64) -> np.ndarray:
         return np.bitwise_count(a.view(np.uint64) ^ np.uint64(b.view(np.uint64)))
 
-    from lookalike.hashing import DIHEDRAL
+    from lookalike.stages.hashing import DIHEDRAL
     for t in (Image.Transpose.FLIP_LEFT_RIGHT, Image.Transpose.ROTATE_90):
         copy = np.int64(image_hashes(reencode(img.transpose(t), 0.8))["phash"])
         d = bits(dihedral, copy)
@@ -296,7 +302,7 @@ def add_to_catalog(conn: psycopg.Connection, ids: range, rng: np.random.Generato
                         "VALUES (%s, %s, 1, 1, 'JPEG', 1, 'x')", (i, f"{i:064x}"))
             cur.execute("INSERT INTO image_hashes VALUES (%s, %s, 0, 0, 'v')", (i, h))
             cur.execute("INSERT INTO image_embeddings VALUES (%s, 'm', %s)",
-                        (i, db.vector_to_db(v, vector_type)))
+                        (i, vector_to_db(v, vector_type)))
     return new
 
 
@@ -304,7 +310,7 @@ def test_indexes_persist_catch_up_and_grow(cfg: Config, tmp_path: Path,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     dim, rng = 16, np.random.default_rng(5)
     folder = tmp_path / "index"
-    monkeypatch.setattr(dedup, "EXACT_UP_TO", 300)
+    monkeypatch.setattr(dedup_indexes, "EXACT_UP_TO", 300)
     with db.connect(cfg) as conn:
         vt = db.ensure_schema(conn)
         first = add_to_catalog(conn, range(1, 201), rng, dim, vt)
@@ -314,7 +320,7 @@ def test_indexes_persist_catch_up_and_grow(cfg: Config, tmp_path: Path,
         def no_rebuild(*_: object) -> None:
             raise AssertionError("rebuilt from the catalog")
 
-        monkeypatch.setattr(dedup, "spilled_vectors", no_rebuild)
+        monkeypatch.setattr(dedup_indexes, "spilled_vectors", no_rebuild)
         second = add_to_catalog(conn, range(201, 251), rng, dim, vt)
         idx.commit(second)
         assert len(DedupIndexes.open(conn, folder, "m", dim, vt).vectors) == 250  # loaded as saved
@@ -335,7 +341,7 @@ def test_indexes_persist_catch_up_and_grow(cfg: Config, tmp_path: Path,
         np.testing.assert_array_equal(matched, first.ids[:20])
         # An index holding an image the catalog does not (a catalog restored from a backup) is rebuilt.
         monkeypatch.undo()
-        monkeypatch.setattr(dedup, "EXACT_UP_TO", 300)
+        monkeypatch.setattr(dedup_indexes, "EXACT_UP_TO", 300)
         idx.vectors.add(np.array([9999]), q[:1])
         idx.hashes.add(np.array([9999]), np.array([7]))
         idx.save()

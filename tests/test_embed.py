@@ -12,8 +12,9 @@ import pytest
 from conftest import IMAGENET, UKBENCH
 from PIL import Image
 
-from lookalike import models, tf_preprocess
-from lookalike.embed import (
+from lookalike.db.load import _vector_rows
+from lookalike.models import preprocess, registry, runtime, tf_preprocess
+from lookalike.stages.embed import (
     EmbedSettings,
     embed_batches,
     embed_tasks,
@@ -23,8 +24,7 @@ from lookalike.embed import (
     task_input,
     write_task_inputs,
 )
-from lookalike.extract import ExtractSettings, extract_file
-from lookalike.load import _vector_rows
+from lookalike.stages.extract import ExtractSettings, extract_file
 
 pytestmark = pytest.mark.skipif(not IMAGENET.is_dir(), reason=f"real photos missing: {IMAGENET}")
 
@@ -45,8 +45,8 @@ def real_images() -> list[Image.Image]:
 
 
 @pytest.fixture(scope="module")
-def effnet() -> models.ModelSpec:
-    return models.resolve_model(models.EFFNET)
+def effnet() -> registry.ModelSpec:
+    return registry.resolve_model(registry.EFFNET)
 
 
 def _tf_resize_bicubic(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -61,7 +61,7 @@ def _tf_resize_bicubic(pixels: np.ndarray, height: int, width: int) -> np.ndarra
             + wx[2][None, :, None] * rows[:, ix[2]] + wx[3][None, :, None] * rows[:, ix[3]])
 
 
-def _tf_efficientnet_reference(image: Image.Image, pp: models.Preprocess) -> np.ndarray:
+def _tf_efficientnet_reference(image: Image.Image, pp: registry.Preprocess) -> np.ndarray:
     """The straightforward version of the transform: crop, TF resize, (x - mean) / std, CHW."""
     rgb = np.asarray(image.convert("RGB"))
     h, w = rgb.shape[:2]
@@ -72,21 +72,21 @@ def _tf_efficientnet_reference(image: Image.Image, pp: models.Preprocess) -> np.
     return pixels.transpose(2, 0, 1)
 
 
-def test_effnet_transform_is_bit_identical_to_tf_arithmetic(effnet: models.ModelSpec) -> None:
+def test_effnet_transform_is_bit_identical_to_tf_arithmetic(effnet: registry.ModelSpec) -> None:
     """The compiled EfficientNet transform is TF's float32 arithmetic exactly, not approximately,
     through every entry point: pixel_writer (the stage), preprocess_image, Embedder.preprocess."""
     images = real_images()
     assert len(images) > 100
-    other_size = models.Preprocess("tf-efficientnet", (240, 240), (127.0,) * 3, (128.0,) * 3)
+    other_size = registry.Preprocess("tf-efficientnet", (240, 240), (127.0,) * 3, (128.0,) * 3)
     for pp in (effnet.preprocess, other_size):
-        write = models.pixel_writer(pp)
+        write = preprocess.pixel_writer(pp)
         out = np.full((3, *pp.size), np.nan, np.float32)
         for image in images:
             write(np.asarray(image.convert("RGB")), out)
             ref = _tf_efficientnet_reference(image, pp)
             assert np.array_equal(out, ref), (image.mode, image.size)
-            assert np.array_equal(models.preprocess_image(image, pp), ref), (image.mode, image.size)
-    embedder = models.Embedder(effnet, "none", lambda px: px, threads=1, batch_size=8)
+            assert np.array_equal(preprocess.preprocess_image(image, pp), ref), (image.mode, image.size)
+    embedder = runtime.Embedder(effnet, "none", lambda px: px, threads=1, batch_size=8)
     batch = images[:20]
     assert np.array_equal(embedder.preprocess(batch),
                           np.stack([_tf_efficientnet_reference(im, effnet.preprocess) for im in batch]))
@@ -110,7 +110,7 @@ def test_thumbnails_decode_to_pillows_pixels(tmp_path: Path) -> None:
                           np.full((20, 30, 3), 77, np.uint8))
 
 
-def test_embed_batches_vectors_and_errors(effnet: models.ModelSpec, tmp_path: Path) -> None:
+def test_embed_batches_vectors_and_errors(effnet: registry.ModelSpec, tmp_path: Path) -> None:
     extract = ExtractSettings(str(tmp_path / "thumbs"))
     photos = sorted(IMAGENET.glob("*.JPEG"))[:: 83][:6]
     features = [extract_file(str(p), extract) for p in photos]
@@ -132,7 +132,7 @@ def test_embed_batches_vectors_and_errors(effnet: models.ModelSpec, tmp_path: Pa
     assert "original failed" in failed.loc["0" * 64, "message"]
     ok = out[out["error"].isna()].set_index("sha256")
     assert (Path(extract.thumbs_dir) / rows["thumb"][1]).is_file()
-    expected = models.get_embedder(effnet, backend="torch", threads=1).embed_images(
+    expected = runtime.get_embedder(effnet, backend="torch", threads=1).embed_images(
         [im for i, im in enumerate(thumbs) if i != 4])
     got = np.stack([np.frombuffer(ok.loc[sha, "vector"], np.float32) for i, sha in enumerate(rows["sha256"])
                     if i != 4])

@@ -12,8 +12,8 @@ import pytest
 from conftest import UKBENCH
 from PIL import Image
 
-from lookalike.extract import ExtractSettings, extract_file, thumb_relpath
-from lookalike.pipeline import extract_tasks
+from lookalike.driver.stages import extract_tasks
+from lookalike.stages.extract import ExtractSettings, extract_file, thumb_relpath
 
 PHOTO = UKBENCH / "base_images" / "ukbench01380.jpg"
 

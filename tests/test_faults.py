@@ -27,8 +27,8 @@ from psycopg import sql
 
 from lookalike import cli, db
 from lookalike.config import load_config
-from lookalike.extract import prepare_thumbs_dir
 from lookalike.layout import Layout
+from lookalike.stages.extract import prepare_thumbs_dir
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 USER = "lookalike"

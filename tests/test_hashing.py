@@ -6,8 +6,8 @@ import pytest
 from conftest import UKBENCH
 from PIL import Image
 
-from lookalike.extract import ExtractSettings, extract_file
-from lookalike.hashing import HASH_VERSION, dihedral_phashes, hash_to_int64, image_hashes, int64_to_hex
+from lookalike.stages.extract import ExtractSettings, extract_file
+from lookalike.stages.hashing import HASH_VERSION, dihedral_phashes, hash_to_int64, image_hashes, int64_to_hex
 
 
 def test_hash_values_pinned_on_a_fixed_image(tmp_path: Path) -> None:
@@ -34,7 +34,7 @@ def test_hashes_are_signed_64_bit() -> None:
 
 @pytest.mark.parametrize("index", range(7))
 def test_dihedral_hash_matches_the_transformed_image(index: int) -> None:
-    from lookalike.hashing import DIHEDRAL
+    from lookalike.stages.hashing import DIHEDRAL
 
     im = Image.open(UKBENCH / "base_images" / "ukbench01380.jpg").convert("RGB")
     im.thumbnail((512, 512))

@@ -35,9 +35,9 @@ from hostile import (
 
 from lookalike import cli, db
 from lookalike.config import Config, load_config
-from lookalike.extract import READ_CHUNK, ExtractSettings, extract_batches, extract_file
-from lookalike.pipeline import Runner
-from lookalike.scan import ScanSettings, plan, rows_to_table, walk
+from lookalike.driver.ingest import Ingest
+from lookalike.stages.extract import READ_CHUNK, ExtractSettings, extract_batches, extract_file
+from lookalike.stages.scan import ScanSettings, plan, rows_to_table, walk
 
 MASK = 2**64 - 1
 SUMMARY = re.compile(r"run (\d+): (\d+) files in \d+ manifests, (\d+) new images, (\d+) exact copies, "
@@ -308,7 +308,7 @@ def test_file_deleted_between_scan_and_extract(first_run: FirstRun, tmp_path: Pa
         vector_type = db.ensure_schema(conn)
         run_id = conn.execute("INSERT INTO runs (kind, roots) VALUES ('run', %s) RETURNING run_id",
                               ([str(root)],)).fetchone()[0]
-        runner = Runner(cfg, conn, vector_type)
+        runner = Ingest(cfg, conn, vector_type)
         (manifest,) = runner.scan([str(root)], run_id, retry_errors=False)
         victim.unlink()
         counts = runner.process(manifest, run_id)

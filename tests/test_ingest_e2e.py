@@ -10,7 +10,7 @@ from conftest import IMAGENET, UKBENCH
 
 from lookalike import db
 from lookalike.config import Config
-from lookalike.pipeline import run
+from lookalike.driver.ingest import run
 
 pytestmark = pytest.mark.slow
 

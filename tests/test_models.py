@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lookalike import models
+from lookalike.models import preprocess, registry, runtime
 
 DATA = Path(__file__).parents[1].parent / "shared" / "data"
 IMAGENET = DATA / "imagenet-dev"
@@ -52,8 +52,8 @@ def format_zoo() -> list[Image.Image]:
 
 
 @pytest.fixture(scope="module")
-def effnet() -> models.ModelSpec:
-    return models.resolve_model(models.EFFNET)
+def effnet() -> registry.ModelSpec:
+    return registry.resolve_model(registry.EFFNET)
 
 
 @pytest.fixture(scope="module")
@@ -62,19 +62,19 @@ def onnx_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def effnet_onnx(effnet: models.ModelSpec, onnx_dir: Path) -> models.Embedder:
-    return models.get_embedder(effnet, backend="onnx", cache_dir=onnx_dir, threads=2,
+def effnet_onnx(effnet: registry.ModelSpec, onnx_dir: Path) -> runtime.Embedder:
+    return runtime.get_embedder(effnet, backend="onnx", cache_dir=onnx_dir, threads=2,
                                verify_images=photos(6, 40))
 
 
 @pytest.fixture(scope="module")
-def effnet_torch(effnet: models.ModelSpec) -> models.Embedder:
-    return models.get_embedder(effnet, backend="torch", threads=2)
+def effnet_torch(effnet: registry.ModelSpec) -> runtime.Embedder:
+    return runtime.get_embedder(effnet, backend="torch", threads=2)
 
 
 @pytest.fixture(scope="module")
 def small_clip_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from lookalike.torch_compat import ensure_torchvision
+    from lookalike.models.torch_compat import ensure_torchvision
 
     ensure_torchvision()
     import open_clip
@@ -89,7 +89,7 @@ def small_clip_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # ----------------------------------------------------------------------------- model resolution
 
 
-def test_effnet_spec(effnet: models.ModelSpec) -> None:
+def test_effnet_spec(effnet: registry.ModelSpec) -> None:
     # The package names its file by the sha256 prefix too, so the version is the content hash.
     assert effnet.model_ver == "effnet-lite0@imagenet-57934424"
     assert (effnet.dim, effnet.supports_text, effnet.preprocess.size) == (1280, False, (224, 224))
@@ -98,7 +98,7 @@ def test_effnet_spec(effnet: models.ModelSpec) -> None:
 
 def test_unknown_model_lists_the_choices() -> None:
     with pytest.raises(ValueError, match=r"effnet-lite0.*clip-vit-b32.*open_clip:ARCH"):
-        models.resolve_model("resnet50")
+        registry.resolve_model("resnet50")
 
 
 @pytest.fixture
@@ -110,32 +110,32 @@ def empty_hf_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def test_missing_clip_weights_say_how_to_provide_them(empty_hf_cache: Path) -> None:
-    with pytest.raises(models.WeightsNotFoundError) as err:
-        models.resolve_model(models.CLIP_B32)
+    with pytest.raises(registry.WeightsNotFoundError) as err:
+        registry.resolve_model(registry.CLIP_B32)
     text = str(err.value)
     for hint in (str(empty_hf_cache), "hf download", "embed.clip_checkpoint", '"effnet-lite0"'):
         assert hint in text
-    with pytest.raises(models.WeightsNotFoundError, match=r"nope\.safetensors does not exist"):
-        models.resolve_model(models.CLIP_B32, clip_checkpoint=str(empty_hf_cache / "nope.safetensors"))
+    with pytest.raises(registry.WeightsNotFoundError, match=r"nope\.safetensors does not exist"):
+        registry.resolve_model(registry.CLIP_B32, clip_checkpoint=str(empty_hf_cache / "nope.safetensors"))
 
 
 def test_auto_falls_back_to_effnet_with_one_info_line(empty_hf_cache: Path,
                                                        caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.INFO, logger="lookalike.models"):
-        spec = models.resolve_model("auto", clip_checkpoint="")
-    assert spec.name == models.EFFNET
-    lines = [r.getMessage() for r in caplog.records if r.name == "lookalike.models"]
+        spec = registry.resolve_model("auto", clip_checkpoint="")
+    assert spec.name == registry.EFFNET
+    lines = [r.getMessage() for r in caplog.records if r.name == "lookalike.models.registry"]
     assert len(lines) == 1 and "effnet-lite0" in lines[0] and "no CLIP ViT-B-32 weights" in lines[0]
     # A configured checkpoint that does not exist is an error, not a silent switch of model.
-    with pytest.raises(models.WeightsNotFoundError):
-        models.resolve_model("auto", clip_checkpoint=str(empty_hf_cache / "missing.pt"))
+    with pytest.raises(registry.WeightsNotFoundError):
+        registry.resolve_model("auto", clip_checkpoint=str(empty_hf_cache / "missing.pt"))
 
 
 def test_auto_picks_clip_from_the_hf_cache(empty_hf_cache: Path, caplog: pytest.LogCaptureFixture) -> None:
     """An HF cache laid out as huggingface_hub writes it: blobs named by sha256, snapshot symlinks."""
     import hashlib
 
-    _, repo, _ = models.CLIP_B32_SOURCES[1]  # the OpenAI weights (QuickGELU)
+    _, repo, _ = registry.CLIP_B32_SOURCES[1]  # the OpenAI weights (QuickGELU)
     content = b"stand-in for open_clip_model.safetensors"
     sha = hashlib.sha256(content).hexdigest()
     root = empty_hf_cache / f"models--{repo.replace('/', '--')}"
@@ -147,8 +147,8 @@ def test_auto_picks_clip_from_the_hf_cache(empty_hf_cache: Path, caplog: pytest.
     snapshot.mkdir(parents=True)
     (snapshot / "open_clip_model.safetensors").symlink_to(root / "blobs" / sha)
     with caplog.at_level(logging.INFO, logger="lookalike.models"):
-        spec = models.resolve_model("auto")
-    assert (spec.name, spec.quick_gelu) == (models.CLIP_B32, True)
+        spec = registry.resolve_model("auto")
+    assert (spec.name, spec.quick_gelu) == (registry.CLIP_B32, True)
     assert spec.model_ver == f"clip-vit-b32@openai-{sha[:8]}"  # the blob name is the content hash
     assert spec.checkpoint.endswith("open_clip_model.safetensors")  # open_clip picks the loader by suffix
     assert "CLIP ViT-B-32 weights found" in caplog.text
@@ -157,7 +157,7 @@ def test_auto_picks_clip_from_the_hf_cache(empty_hf_cache: Path, caplog: pytest.
 def test_clip_b32_sources_match_open_clip(small_clip_ckpt: Path) -> None:
     import open_clip
 
-    for tag, repo, quick_gelu in models.CLIP_B32_SOURCES:
+    for tag, repo, quick_gelu in registry.CLIP_B32_SOURCES:
         cfg = open_clip.get_pretrained_cfg("ViT-B-32", tag)
         assert cfg["hf_hub"].rstrip("/") == repo
         assert bool(cfg.get("quick_gelu", False)) == quick_gelu
@@ -166,11 +166,11 @@ def test_clip_b32_sources_match_open_clip(small_clip_ckpt: Path) -> None:
 def test_auto_picks_clip_when_its_checkpoint_is_given(tmp_path: Path) -> None:
     ckpt = tmp_path / "clip.safetensors"
     ckpt.write_bytes(b"weights")  # resolution only hashes the file; loading is tested below
-    spec = models.resolve_model("auto", clip_checkpoint=str(ckpt))
-    assert (spec.name, spec.arch, spec.dim, spec.supports_text) == (models.CLIP_B32, "ViT-B-32", 512, True)
+    spec = registry.resolve_model("auto", clip_checkpoint=str(ckpt))
+    assert (spec.name, spec.arch, spec.dim, spec.supports_text) == (registry.CLIP_B32, "ViT-B-32", 512, True)
     assert spec.model_ver.startswith("clip-vit-b32@ckpt-")
     ckpt.write_bytes(b"other weights")
-    assert models.resolve_model("auto", clip_checkpoint=str(ckpt)).model_ver != spec.model_ver
+    assert registry.resolve_model("auto", clip_checkpoint=str(ckpt)).model_ver != spec.model_ver
 
 
 # ----------------------------------------------------------------------------- preprocessing
@@ -206,7 +206,7 @@ def _tf_efficientnet_reference(image: Image.Image) -> np.ndarray:
     return ((resized - 127.0) / 128.0).astype(np.float32)
 
 
-def test_effnet_preprocessing_matches_tf_reference(effnet_onnx: models.Embedder) -> None:
+def test_effnet_preprocessing_matches_tf_reference(effnet_onnx: runtime.Embedder) -> None:
     images = photos(4, 97) + format_zoo()[::6]
     ours = effnet_onnx.preprocess(images)
     ref = np.stack([_tf_efficientnet_reference(im) for im in images])
@@ -216,7 +216,7 @@ def test_effnet_preprocessing_matches_tf_reference(effnet_onnx: models.Embedder)
     assert cos.min() >= 0.9999
 
 
-def test_effnet_reference_transform_classifies_imagenet(effnet: models.ModelSpec) -> None:
+def test_effnet_reference_transform_classifies_imagenet(effnet: registry.ModelSpec) -> None:
     """The transform is the one the weights were trained with: ImageNet top-1 on real photos."""
     import torch
 
@@ -224,9 +224,9 @@ def test_effnet_reference_transform_classifies_imagenet(effnet: models.ModelSpec
     wnids = (timm_dir / "data" / "_info" / "imagenet_synsets.txt").read_text().split()
     class_of = {wnid: i for i, wnid in enumerate(wnids)}
     paths = sorted(IMAGENET.glob("*.JPEG"))[::16]  # 32 classes
-    image_module, _ = models.load_torch_model(effnet, threads=2)
+    image_module, _ = runtime.load_torch_model(effnet, threads=2)
     state = torch.load(effnet.checkpoint, map_location="cpu", weights_only=True)
-    pixels = np.stack([models.preprocess_image(Image.open(p), effnet.preprocess) for p in paths])
+    pixels = np.stack([preprocess.preprocess_image(Image.open(p), effnet.preprocess) for p in paths])
     with torch.inference_mode():
         pooled = image_module(torch.from_numpy(pixels))
         logits = pooled @ state["_fc.weight"].T + state["_fc.bias"]
@@ -242,32 +242,32 @@ def test_effnet_reference_transform_classifies_imagenet(effnet: models.ModelSpec
 ])
 def test_open_clip_preprocessing_is_bit_identical(size: tuple[int, int], resize_mode: str,
                                                    interpolation: str) -> None:
-    from lookalike.torch_compat import ensure_torchvision
+    from lookalike.models.torch_compat import ensure_torchvision
 
     ensure_torchvision()
     import open_clip
 
-    pp = models.Preprocess("open_clip", size, models.OPENAI_MEAN, models.OPENAI_STD, interpolation,
+    pp = registry.Preprocess("open_clip", size, registry.OPENAI_MEAN, registry.OPENAI_STD, interpolation,
                            resize_mode, fill_color=7)
     reference = open_clip.image_transform(size, is_train=False, mean=pp.mean, std=pp.std,
                                           resize_mode=resize_mode, interpolation=interpolation, fill_color=7)
     for image in photos(3, 150) + format_zoo():
-        assert np.array_equal(models.preprocess_image(image, pp), reference(image).numpy()), image
+        assert np.array_equal(preprocess.preprocess_image(image, pp), reference(image).numpy()), image
 
 
 # ----------------------------------------------------------------------------- embedders
 
 
-def test_get_embedder_loads_once(effnet: models.ModelSpec, effnet_onnx: models.Embedder,
+def test_get_embedder_loads_once(effnet: registry.ModelSpec, effnet_onnx: runtime.Embedder,
                                  onnx_dir: Path) -> None:
-    assert models.get_embedder(effnet, backend="onnx", cache_dir=onnx_dir, threads=2) is effnet_onnx
-    assert models.get_embedder(effnet, backend="auto", cache_dir=onnx_dir, threads=2) is effnet_onnx
-    single = models.get_embedder(effnet, backend="onnx", cache_dir=onnx_dir, threads=1)
+    assert runtime.get_embedder(effnet, backend="onnx", cache_dir=onnx_dir, threads=2) is effnet_onnx
+    assert runtime.get_embedder(effnet, backend="auto", cache_dir=onnx_dir, threads=2) is effnet_onnx
+    single = runtime.get_embedder(effnet, backend="onnx", cache_dir=onnx_dir, threads=1)
     assert single is not effnet_onnx and single.threads == 1
 
 
-def test_onnx_matches_torch(effnet: models.ModelSpec, effnet_onnx: models.Embedder,
-                            effnet_torch: models.Embedder, onnx_dir: Path) -> None:
+def test_onnx_matches_torch(effnet: registry.ModelSpec, effnet_onnx: runtime.Embedder,
+                            effnet_torch: runtime.Embedder, onnx_dir: Path) -> None:
     import onnx
 
     images = photos(5, 33)  # batch 5 while the export was traced at batch 2: dynamic batch axis
@@ -275,29 +275,31 @@ def test_onnx_matches_torch(effnet: models.ModelSpec, effnet_onnx: models.Embedd
     assert a.shape == b.shape == (5, 1280) and a.dtype == b.dtype == np.float32
     assert np.allclose(np.linalg.norm(b, axis=1), 1, atol=1e-5)
     assert np.abs(a - b).max() < 1e-4
-    meta = {p.key: p.value for p in onnx.load(models.onnx_path(effnet, onnx_dir)).metadata_props}
+    meta = {p.key: p.value for p in onnx.load(runtime.onnx_path(effnet, onnx_dir)).metadata_props}
     assert meta["model_ver"] == effnet.model_ver and float(meta["verified_max_abs_diff"]) < 1e-4
 
 
-def test_onnx_embedder_does_not_import_torch(effnet_onnx: models.Embedder, onnx_dir: Path) -> None:
+def test_onnx_embedder_does_not_import_torch(effnet_onnx: runtime.Embedder, onnx_dir: Path) -> None:
     code = textwrap.dedent(f"""
         import sys
         from PIL import Image
-        from lookalike import models
-        spec = models.resolve_model("effnet-lite0")
-        embedder = models.get_embedder(spec, backend="auto", cache_dir={str(onnx_dir)!r}, threads=1)
+        from lookalike.models import registry
+        from lookalike.models import runtime
+        from lookalike.models import preprocess
+        spec = registry.resolve_model("effnet-lite0")
+        embedder = runtime.get_embedder(spec, backend="auto", cache_dir={str(onnx_dir)!r}, threads=1)
         vectors = embedder.embed_images([Image.open({str(sorted(IMAGENET.glob("*.JPEG"))[0])!r})])
         assert embedder.backend == "onnx" and vectors.shape == (1, 1280)
         print(sorted(m for m in ("torch", "torchvision", "open_clip") if m in sys.modules))
     """)
-    lib = str(Path(models.__file__).parents[1])
+    lib = str(Path(registry.__file__).parents[2])
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": lib})
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "[]"
 
 
-def test_resized_copy_is_far_closer_than_unrelated_photos(effnet_onnx: models.Embedder) -> None:
+def test_resized_copy_is_far_closer_than_unrelated_photos(effnet_onnx: runtime.Embedder) -> None:
     originals = [im.convert("RGB") for im in photos(8, 60)]
     copies = []
     for im in originals:
@@ -312,21 +314,21 @@ def test_resized_copy_is_far_closer_than_unrelated_photos(effnet_onnx: models.Em
     assert (to_copy - unrelated.max(1)).min() > 0.3
 
 
-def test_image_only_model_has_no_text(effnet_onnx: models.Embedder) -> None:
+def test_image_only_model_has_no_text(effnet_onnx: runtime.Embedder) -> None:
     with pytest.raises(ValueError, match=r"no text tower.*clip-vit-b32"):
         effnet_onnx.embed_text(["a dog on a beach"])
 
 
 def test_torchvision_imports_after_compat_shim() -> None:
     code = textwrap.dedent("""
-        from lookalike.torch_compat import ensure_torchvision
+        from lookalike.models.torch_compat import ensure_torchvision
         ensure_torchvision()
         ensure_torchvision()
         import torch, torchvision
         from torchvision.transforms import functional
         print(torch.ops.torchvision.nms.default._schema)
     """)
-    lib = str(Path(models.__file__).parents[1])
+    lib = str(Path(registry.__file__).parents[2])
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": lib})
     assert done.returncode == 0, done.stderr
@@ -340,13 +342,13 @@ def test_open_clip_local_checkpoint(small_clip_ckpt: Path, tmp_path: Path) -> No
     import open_clip
     import torch
 
-    spec = models.resolve_model(f"open_clip:{SMALL_CLIP}:{small_clip_ckpt}")
+    spec = registry.resolve_model(f"open_clip:{SMALL_CLIP}:{small_clip_ckpt}")
     assert (spec.name, spec.dim, spec.supports_text) == (f"open_clip:{SMALL_CLIP}", 256, True)
     assert spec.model_ver.startswith(f"open_clip:{SMALL_CLIP}@ckpt-")
-    torch_embedder = models.get_embedder(spec, backend="torch", threads=2)
+    torch_embedder = runtime.get_embedder(spec, backend="torch", threads=2)
     images, texts = photos(3, 111), ["a photo of a dog", "a red car", ""]
     # The ONNX export of a transformer tower (attention) is verified at export on these photos.
-    onnx_embedder = models.get_embedder(spec, backend="onnx", cache_dir=tmp_path, threads=2,
+    onnx_embedder = runtime.get_embedder(spec, backend="onnx", cache_dir=tmp_path, threads=2,
                                         verify_images=images)
 
     # Reference: open_clip's own model, preprocess and tokenizer for that checkpoint.
@@ -365,9 +367,10 @@ def test_open_clip_local_checkpoint(small_clip_ckpt: Path, tmp_path: Path) -> No
 def test_corrupt_or_mismatched_checkpoint_names_the_file(small_clip_ckpt: Path, tmp_path: Path) -> None:
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(b"\x00not a checkpoint" * 64)
-    spec = models.resolve_model(models.CLIP_B32, clip_checkpoint=str(broken))
-    with pytest.raises(models.CheckpointError, match=f"cannot load {broken} as open_clip ViT-B-32"):
-        models.get_embedder(spec, backend="torch")
-    other_arch = models.resolve_model(f"open_clip:ViT-S-32:{small_clip_ckpt}")  # 384-d arch, 256-d weights
-    with pytest.raises(models.CheckpointError, match=f"cannot load {small_clip_ckpt} as open_clip ViT-S-32"):
-        models.get_embedder(other_arch, backend="torch")
+    spec = registry.resolve_model(registry.CLIP_B32, clip_checkpoint=str(broken))
+    with pytest.raises(registry.CheckpointError, match=f"cannot load {broken} as open_clip ViT-B-32"):
+        runtime.get_embedder(spec, backend="torch")
+    other_arch = registry.resolve_model(f"open_clip:ViT-S-32:{small_clip_ckpt}")  # 384-d arch, 256-d weights
+    with pytest.raises(registry.CheckpointError,
+                       match=f"cannot load {small_clip_ckpt} as open_clip ViT-S-32"):
+        runtime.get_embedder(other_arch, backend="torch")

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from lookalike import neardup as nd
-from lookalike.hashing import image_hashes
+from lookalike.index.exact import ExactVectorIndex
+from lookalike.index.hamming import HashIndex, hash_to_bytes
+from lookalike.index.ivf import VectorIndex
+from lookalike.index.rows import RowStore
+from lookalike.stages.hashing import image_hashes
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 PHOTOS = sorted((DATA / "imagenet-dev").glob("*.JPEG"))
@@ -39,7 +43,7 @@ def real_hashes() -> np.ndarray:
 
 
 def test_hash_bytes() -> None:
-    codes = nd.hash_to_bytes(np.array([1, -1, 1 << 62], np.int64))
+    codes = hash_to_bytes(np.array([1, -1, 1 << 62], np.int64))
     assert codes.shape == (3, 8) and codes.dtype == np.uint8
     assert codes[0].tolist() == [1, 0, 0, 0, 0, 0, 0, 0]  # little-endian: the top (DC) bit comes last
     assert codes[1].tolist() == [255] * 8
@@ -55,10 +59,10 @@ def test_radius_search_is_exact(real_hashes: np.ndarray, tables: bool,
     masks = (flips.astype(np.uint64) << np.arange(63, dtype=np.uint64)).sum(1, dtype=np.uint64)
     catalog = (base.view(np.uint64) ^ masks).view(np.int64)
     ids = np.arange(1000, 1000 + len(catalog), dtype=np.int64)
-    index = nd.HashIndex(ids[:12_000], catalog[:12_000])
+    index = HashIndex(ids[:12_000], catalog[:12_000])
     index.add(ids[12_000:], catalog[12_000:])  # a second add inserts into the sorted tables
     if not tables:
-        monkeypatch.setattr(nd.HashIndex, "FLAT_FROM_NFLIP", 0)
+        monkeypatch.setattr(HashIndex, "FLAT_FROM_NFLIP", 0)
     queries = real_hashes[:60]
     full = hamming(queries[:, None], catalog[None, :])
     for radius in (0, 3, 5, 6, 8, 10, 12):
@@ -69,11 +73,11 @@ def test_radius_search_is_exact(real_hashes: np.ndarray, tables: bool,
 
 
 def test_hash_index_add_is_idempotent_and_roundtrips(real_hashes: np.ndarray, tmp_path: Path) -> None:
-    index = nd.HashIndex(np.arange(100), real_hashes[:100])
+    index = HashIndex(np.arange(100), real_hashes[:100])
     assert index.add(np.arange(50, 150), real_hashes[50:150]) == 50
     assert len(index) == 150
     index.save(tmp_path / "hashes.npz")
-    loaded = nd.HashIndex.load(tmp_path / "hashes.npz")
+    loaded = HashIndex.load(tmp_path / "hashes.npz")
     assert len(loaded) == 150
     for a, b in zip(index.search_radius(real_hashes[:20], 8), loaded.search_radius(real_hashes[:20], 8),
                     strict=True):
@@ -92,7 +96,7 @@ def test_vector_index_recall_and_roundtrip(tmp_path: Path) -> None:
     vecs = (centres[rng.integers(0, 200, n)] + noise) * spectrum
     vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
     ids = np.arange(n) * 3 + 7
-    index = nd.VectorIndex(dim, keep_dims=64, nlist=32, nprobe=8, path=tmp_path / "vi")
+    index = VectorIndex(dim, keep_dims=64, nlist=32, nprobe=8, path=tmp_path / "vi")
     index.add(ids, vecs)
     noise = rng.standard_normal((200, dim)).astype(np.float32) * spectrum
     queries = vecs[:200] + 0.3 * noise / np.linalg.norm(noise, axis=1, keepdims=True)
@@ -113,20 +117,20 @@ def test_vector_index_recall_and_roundtrip(tmp_path: Path) -> None:
     # among a batch of its own: candidates from the projection, the exact flat scan's pairs
     batch = np.concatenate([queries, vecs[:200]])
     got = index.search_among(batch, 5, 0.7)
-    want = nd.ExactVectorIndex.search_among(batch, 5, 0.7)
+    want = ExactVectorIndex.search_among(batch, 5, 0.7)
     assert len(want[0]) > 300
     assert set(zip(got[0].tolist(), got[1].tolist(), strict=True)) == set(
         zip(want[0].tolist(), want[1].tolist(), strict=True))
     np.testing.assert_allclose(np.sort(got[2]), np.sort(want[2]), atol=1e-5)
     index.save(tmp_path / "vi")
-    loaded = nd.VectorIndex.load(tmp_path / "vi")
+    loaded = VectorIndex.load(tmp_path / "vi")
     assert (loaded.keep_dims, loaded.bits, loaded.candidates) == (64, 8, 2)
     for a, b in zip(index.search(queries, 5, 0.7), loaded.search(queries, 5, 0.7), strict=True):
         np.testing.assert_array_equal(a, b)
     # rows added after the last save are not committed: a reload forgets them
     loaded.add(np.array([1]), queries[:1])
     assert len(loaded) == n + 1
-    assert len(nd.VectorIndex.load(tmp_path / "vi")) == n
+    assert len(VectorIndex.load(tmp_path / "vi")) == n
     # cosines with the stored codes, by id; NaN for an id not indexed
     cos = loaded.cosine_with(np.array([10, 2, 13]), np.stack([queries[0], queries[0], vecs[2]]))
     np.testing.assert_allclose(cos[[0, 2]], [queries[0] @ vecs[1], 1.0], atol=0.01)
@@ -139,7 +143,7 @@ def test_vector_index_grows_from_a_small_start() -> None:
     dim, n = 64, 6_000
     vecs = rng.standard_normal((n, dim)).astype(np.float32) * (np.arange(dim) + 1.0) ** -0.5
     vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
-    index = nd.VectorIndex(dim, keep_dims=32)
+    index = VectorIndex(dim, keep_dims=32)
     index.add(np.arange(10), vecs[:10])
     for start in range(10, n, 500):
         index.add(np.arange(start, min(start + 500, n)), vecs[start : start + 500])
@@ -157,7 +161,7 @@ def test_exact_vector_index_search_roundtrip_and_uncommitted_rows(tmp_path: Path
     vecs = rng.standard_normal((500, 32)).astype(np.float32)
     vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
     ids = np.arange(500) * 2 + 1
-    index = nd.ExactVectorIndex(32, path=tmp_path / "ex")
+    index = ExactVectorIndex(32, path=tmp_path / "ex")
     assert index.add(ids[:300], vecs[:300]) == 300
     assert index.add(ids[200:], vecs[200:]) == 200  # known ids are skipped
     queries = vecs[:50] + 0.05 * rng.standard_normal((50, 32)).astype(np.float32)
@@ -174,7 +178,7 @@ def test_exact_vector_index_search_roundtrip_and_uncommitted_rows(tmp_path: Path
     index.save(tmp_path / "ex")
     saved = index.search(queries, 3, 0.5)
     index.add(np.array([2]), vecs[:1])  # appended to the rows file, never committed
-    loaded = nd.ExactVectorIndex.load(tmp_path / "ex")
+    loaded = ExactVectorIndex.load(tmp_path / "ex")
     assert len(loaded) == 500 and not (loaded.ids == 2).any()
     np.testing.assert_array_equal(loaded.vectors(), vecs)
     for a, b in zip(saved, loaded.search(queries, 3, 0.5), strict=True):
@@ -186,15 +190,15 @@ def test_row_store_reads_rows_in_any_order_warm_or_cold(tmp_path: Path, nowait: 
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """Repeated and unsorted rows come back as asked, whether page cache holds them (read in
     place) or not (read by the IO threads), and without RWF_NOWAIT."""
-    monkeypatch.setattr(nd._RowStore, "_nowait", nowait and hasattr(nd.os, "RWF_NOWAIT"))
+    monkeypatch.setattr(RowStore, "_nowait", nowait and hasattr(os, "RWF_NOWAIT"))
     rng = np.random.default_rng(4)
     data = rng.integers(0, 256, (30_000, 100), dtype=np.uint8)  # rows straddle pages
-    store = nd._RowStore(100, tmp_path / "rows", 0)
+    store = RowStore(100, tmp_path / "rows", 0)
     store.append(data)
     store.save(tmp_path / "rows")
     rows = rng.integers(0, len(data), 5_000)
     np.testing.assert_array_equal(store.read(rows), data[rows])
-    nd.os.posix_fadvise(store._file.fileno(), 0, 0, nd.os.POSIX_FADV_DONTNEED)  # cold, where it can
+    os.posix_fadvise(store._file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)  # cold, where it can
     np.testing.assert_array_equal(store.read(rows[::-1]), data[rows[::-1]])
     np.testing.assert_array_equal(store.read(np.arange(10)), data[:10])
     assert store.read(np.empty(0, np.int64)).shape == (0, 100)
@@ -207,12 +211,12 @@ def test_vector_index_rerank_spans_several_reads(monkeypatch: pytest.MonkeyPatch
     rng = np.random.default_rng(5)
     vecs = rng.standard_normal((3_000, 32)).astype(np.float32)
     vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
-    index = nd.VectorIndex(32, keep_dims=16, nlist=8, nprobe=8)
+    index = VectorIndex(32, keep_dims=16, nlist=8, nprobe=8)
     index.add(np.arange(3_000), vecs)
     queries = vecs[:300] + 0.1 * rng.standard_normal((300, 32)).astype(np.float32)
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)
     whole = index.search(queries, 5, 0.3)
-    monkeypatch.setattr(nd.VectorIndex, "RERANK_ROWS", 7)
+    monkeypatch.setattr(VectorIndex, "RERANK_ROWS", 7)
     for a, b in zip(whole, index.search(queries, 5, 0.3, block=64), strict=True):
         np.testing.assert_array_equal(a, b)
     rows, matched, cos = whole

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from conftest import UKBENCH
 
-from lookalike.scan import ScanSettings, plan, walk
+from lookalike.stages.scan import ScanSettings, plan, walk
 
 EXTS = [".jpg", ".png", ".gif"]
 

@@ -14,7 +14,9 @@ from test_catalog import ORIGINAL, RESIZED_NAME, analyst_home, bytea_copy
 
 from lookalike import Catalog, db
 from lookalike.cli import main
-from lookalike.models import get_embedder, l2_normalize, resolve_model
+from lookalike.db.vector_io import vector_to_db
+from lookalike.models.registry import resolve_model
+from lookalike.models.runtime import get_embedder, l2_normalize
 
 pytestmark = pytest.mark.slow
 
@@ -141,7 +143,7 @@ def test_text_query_on_an_image_only_model_is_one_clear_line(
 def test_text_query_on_a_clip_model(home: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """Random weights make the ranking meaningless; what is checked is text -> CLIP -> neighbours."""
-    from lookalike.torch_compat import ensure_torchvision
+    from lookalike.models.torch_compat import ensure_torchvision
 
     ensure_torchvision()
     import open_clip
@@ -160,7 +162,7 @@ def test_text_query_on_a_clip_model(home: Path, tmp_path: Path, capsys: pytest.C
         with conn.transaction():
             for image_id, vec in zip(ids, vectors, strict=True):
                 conn.execute("INSERT INTO image_embeddings VALUES (%s, %s, %s)",
-                             (image_id, spec.model_ver, db.vector_to_db(vec, "bytea")))
+                             (image_id, spec.model_ver, vector_to_db(vec, "bytea")))
             db.set_meta(conn, "active_model", model)
             db.set_meta(conn, "active_model_ver", spec.model_ver)
     try:
@@ -177,3 +179,62 @@ def test_text_query_on_a_clip_model(home: Path, tmp_path: Path, capsys: pytest.C
             conn.execute("DELETE FROM image_embeddings WHERE model_ver = %s", (spec.model_ver,))
             for key, value in saved.items():
                 db.set_meta(conn, key, value)
+
+
+def near_duplicate_ids(results: pd.DataFrame) -> set[int]:
+    return set(results.loc[results["kind"] == "near-duplicate", "image_id"].astype(int))
+
+
+def test_similar_lists_exactly_the_near_duplicates_the_catalog_holds(cat: Catalog) -> None:
+    """One pair rule: for every catalogued image, `similar` names the pairs the catalog holds."""
+    held: dict[int, set[int]] = {}
+    for a, b in cat.sql("SELECT image_id, other_id FROM near_duplicates").itertuples(index=False):
+        held.setdefault(int(a), set()).add(int(b))
+        held.setdefault(int(b), set()).add(int(a))
+    images = cat.sql("SELECT image_id FROM image_hashes ORDER BY image_id")["image_id"].astype(int)
+    assert len(images) > 20 and sum(map(len, held.values())) > 0
+    for image_id in images:
+        assert near_duplicate_ids(cat.similar(image_id, k=1000)) == held.get(image_id, set()), image_id
+
+
+def test_similar_on_a_new_file_finds_the_pairs_its_run_then_records(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file outside the catalog is tested as a run's new image: what `similar` says of it before
+    a run is what the run records for it (pHash, flipped and embedding pairs alike)."""
+    from conftest import IMAGENET
+
+    from lookalike.config import load_config
+    from lookalike.driver.ingest import run
+
+    monkeypatch.delenv("LOOKALIKE_DSN", raising=False)
+    archive, incoming = tmp_path / "archive", tmp_path / "incoming"
+    archive.mkdir()
+    incoming.mkdir()
+    photos = sorted(IMAGENET.glob("*.JPEG"))[::25][:16]
+    for p in photos:
+        (archive / p.name).write_bytes(p.read_bytes())
+    for i, p in enumerate(photos[:3]):
+        with Image.open(p) as im:
+            im = im.convert("RGB")
+            im.resize((im.width * 3 // 5, im.height * 3 // 5), Image.Resampling.LANCZOS).save(
+                incoming / f"resized-{i}.jpg", quality=80)
+            im.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(incoming / f"mirrored-{i}.jpg", quality=90)
+            w, h = im.size
+            im.crop((w // 8, h // 8, w - w // 8, h - h // 8)).save(incoming / f"cropped-{i}.jpg", quality=90)
+    cfg = load_config(None, tmp_path / "home")
+    run(cfg, [str(archive)])
+    with Catalog(config=cfg) as c:
+        before = {f.name: near_duplicate_ids(c.similar(f, k=100)) for f in sorted(incoming.iterdir())}
+    assert sum(map(len, before.values())) >= 6  # most variants find their photo
+    for f in incoming.iterdir():
+        f.rename(archive / f.name)
+    run(cfg, [str(archive)])
+    with Catalog(config=cfg) as c:
+        new_ids = {name: image_of(c, name) for name in before}
+        for name, found in before.items():
+            me = new_ids[name]
+            recorded = set(c.sql("SELECT CASE WHEN image_id = %(i)s THEN other_id ELSE image_id END AS o "
+                                 "FROM near_duplicates WHERE %(i)s IN (image_id, other_id)",
+                                 {"i": me})["o"].astype(int))
+            # Pairs among the batch itself were not in the catalog when `similar` ran.
+            assert found == recorded - set(new_ids.values()), name

@@ -13,6 +13,7 @@ import psycopg
 
 from lookalike import db
 from lookalike.config import Config, ConfigError, load_config
+from lookalike.errors import one_line
 
 log = logging.getLogger(__name__)
 
@@ -74,20 +75,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_run(cfg: Config, args: argparse.Namespace) -> int:
-    from lookalike.pipeline import run
+    from lookalike.driver.ingest import run
 
     try:
         summary = run(cfg, args.roots, retry_errors=args.retry_errors, wait=args.wait)
     except psycopg.OperationalError as e:
         # The server went away mid-run: every finished stage's Parquet is kept under the home.
-        raise db.CatalogUnavailable(f"lost the catalog during the run: {_first_line(e)} (finished stages "
+        raise db.CatalogUnavailable(f"lost the catalog during the run: {one_line(e)} (finished stages "
                                     f"are kept in {cfg.home}; the next run resumes them)") from e
     print(summary.describe())
     return 0
 
 
 def cmd_recluster(cfg: Config, args: argparse.Namespace) -> int:
-    from lookalike.recluster import recluster
+    from lookalike.driver.recluster import recluster
 
     print(recluster(cfg, args.model, wait=args.wait).describe())
     return 0
@@ -140,8 +141,9 @@ def cmd_sql(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_similar(cfg: Config, args: argparse.Namespace) -> int:
-    from lookalike.catalog import Catalog
-    from lookalike.search import QueryError, format_results
+    from lookalike.read.catalog import Catalog
+    from lookalike.read.search import QueryError
+    from lookalike.read.text import format_results
 
     with Catalog(config=cfg) as cat:
         try:
@@ -149,22 +151,17 @@ def cmd_similar(cfg: Config, args: argparse.Namespace) -> int:
         except QueryError as e:  # e.g. --text on an image-only model: one line, no traceback
             print(f"lookalike: {e}", file=sys.stderr)
             return 2
-        print(format_results(matches, cat, args.k))
+        print(format_results(matches, cat.cfg, args.k))
     return 0
 
 
 def cmd_report(cfg: Config, args: argparse.Namespace) -> int:
-    from lookalike.catalog import Catalog
-    from lookalike.report import write_report
+    from lookalike.read.catalog import Catalog
+    from lookalike.read.report import write_report
 
     with Catalog(config=cfg) as cat:
         print(write_report(cat, args.out, per_cluster=args.per_cluster).describe())
     return 0
-
-
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
 
 
 COMMANDS = {"run": cmd_run, "recluster": cmd_recluster, "status": cmd_status, "sql": cmd_sql,
@@ -191,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The environment, not the code: a full disk, an unusable folder, a server that went away.
         # One line for the operator; -v logs the traceback.
         log.debug("details", exc_info=True)
-        where = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else _first_line(e)
+        where = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else one_line(e)
         print(f"lookalike: {where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

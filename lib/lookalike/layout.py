@@ -1,14 +1,31 @@
-"""Where a catalog home keeps things: PostgreSQL data, manifests, stage outputs, thumbnails."""
+"""Where a catalog home keeps things: PostgreSQL data, manifests, stage outputs, thumbnails,
+model exports, the near-duplicate indexes and scratch space. Every path under a home is named here."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
+
+
+def file_safe(model_ver: str) -> str:
+    """model_ver as part of a file name (open_clip versions hold ':' and '/')."""
+    return re.sub(r"[^A-Za-z0-9._@+-]", "_", model_ver)
 
 
 @dataclass(frozen=True)
 class Layout:
     home: Path
+
+    @property
+    def pg(self) -> Path:
+        """The embedded PostgreSQL's data folder (unused with an external DSN)."""
+        return self.home / "pg"
+
+    @property
+    def index(self) -> Path:
+        """The near-duplicate indexes, kept between runs (lookalike.dedup.indexes)."""
+        return self.home / "index"
 
     @property
     def thumbs(self) -> Path:
@@ -37,8 +54,10 @@ class Layout:
         """A stage's Parquet output for one manifest (a Spark output folder with _SUCCESS)."""
         return self.stages(manifest_id) / name
 
-    def scratch(self, name: str) -> Path:
-        return self.home / "scratch" / name
+    @property
+    def scratch(self) -> Path:
+        """Spilled vectors and other temporary files of one run (memory-mapped, GBs at 1M images)."""
+        return self.home / "scratch"
 
     @staticmethod
     def is_complete(stage_dir: Path) -> bool:

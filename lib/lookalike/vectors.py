@@ -1,74 +1,12 @@
-"""Vectors in and out of the catalog in bulk: binary COPY, and spills to memory-mapped files.
-
-A million 1280-d vectors are 5 GB: they are streamed from PostgreSQL into a .npy file that
-the clustering and the index builds read in chunks, never as one in-memory copy.
-"""
+"""Vector arithmetic every part shares: one definition of L2 normalisation."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
-from pathlib import Path
-
 import numpy as np
-import psycopg
-
-from lookalike.db import vector_from_db
-from lookalike.models import file_safe
-
-VECTOR_CHUNK = 65536
 
 
-def read_vectors(cur: psycopg.Cursor, sql: str, params: tuple,
-                 vector_type: str) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, vectors) of a query returning (id, embedding), through binary COPY."""
-    ids: list[int] = []
-    vecs: list[np.ndarray] = []
-    # COPY takes no bind parameters: the client cursor quotes them into the text safely.
-    query = psycopg.ClientCursor(cur.connection).mogrify(sql, params) if params else sql
-    with cur.copy(f"COPY ({query}) TO STDOUT (FORMAT BINARY)") as copy:
-        copy.set_types(["int8", vector_type])
-        for image_id, vec in copy.rows():
-            ids.append(image_id)
-            vecs.append(vector_from_db(vec))
-    if not vecs:
-        return np.empty(0, np.int64), np.empty((0, 0), np.float32)
-    return np.asarray(ids, np.int64), np.stack(vecs).astype(np.float32)
-
-
-@contextmanager
-def spilled_vectors(conn: psycopg.Connection, model_ver: str, vector_type: str,
-                    scratch: Path) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Every image's vector of model_ver (ids, vectors), streamed into a memory-mapped file under
-    `scratch` for the block, which reads it in chunks; the file (5 GB at 1M x 1280) goes after."""
-    dims = "vector_dims(embedding)" if vector_type == "vector" else "length(embedding) / 4"
-    n, dim = conn.execute(f"SELECT count(*), max({dims}) FROM image_embeddings WHERE model_ver = %s",
-                          (model_ver,)).fetchone()
-    if not n:
-        yield np.empty(0, np.int64), np.empty((0, 0), np.float32)
-        return
-    scratch.mkdir(parents=True, exist_ok=True)
-    spill = scratch / ("vectors-" + file_safe(model_ver) + ".npy")
-    vectors = np.lib.format.open_memmap(spill, mode="w+", dtype=np.float32, shape=(n, int(dim)))
-    ids = np.empty(n, np.int64)
-    query = psycopg.ClientCursor(conn).mogrify(
-        "SELECT image_id, embedding FROM image_embeddings WHERE model_ver = %s ORDER BY image_id",
-        (model_ver,))
-    with conn.cursor() as cur, cur.copy(f"COPY ({query}) TO STDOUT (FORMAT BINARY)") as copy:
-        copy.set_types(["int8", vector_type])
-        for i, (image_id, vec) in enumerate(copy.rows()):
-            ids[i] = image_id
-            vectors[i] = vector_from_db(vec)
-    vectors.flush()
-    try:
-        yield ids, vectors
-    finally:
-        del vectors
-        spill.unlink(missing_ok=True)
-        with suppress(OSError):  # the folder goes too, unless something else is in it
-            scratch.rmdir()
-
-
-def chunks(vectors: np.ndarray, size: int = VECTOR_CHUNK) -> Iterator[np.ndarray]:
-    for i in range(0, len(vectors), size):
-        yield np.asarray(vectors[i:i + size], dtype=np.float32)
+def l2_normalize(vectors: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (float32); all-zero rows stay zero."""
+    vectors = np.asarray(vectors, np.float32)
+    norms = np.linalg.norm(vectors, axis=-1, keepdims=True)
+    return vectors / np.maximum(norms, np.float32(1e-12))

@@ -22,7 +22,10 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageFile, ImageOps
 
-from lookalike.hashing import dihedral_phashes, image_hashes
+from lookalike.errors import IngestError, one_line
+from lookalike.files import replacing
+from lookalike.stages import schemas
+from lookalike.stages.hashing import dihedral_phashes, image_hashes
 
 # Registers the HEIF opener when pillow-heif is installed; HEIC files are errors otherwise.
 try:  # pragma: no cover - optional plugin
@@ -34,10 +37,7 @@ except ImportError:
 
 READ_CHUNK = 8 << 20
 
-FEATURE_COLUMNS = [
-    "path", "bytes", "mtime", "sha256", "width", "height", "format",
-    "phash", "dhash", "ahash", "phash_dihedral", "thumb", "error", "message",
-]
+FEATURE_COLUMNS = schemas.FEATURES.names
 
 
 # Nullable integer dtypes: beside an error row's None, plain pandas turns these columns into
@@ -63,9 +63,9 @@ class ExtractSettings:
 class ExtractError(Exception):
     """A file that cannot be catalogued: `code` is short and stable, the message is for people."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: IngestError, message: str) -> None:
         super().__init__(message)
-        self.code = code
+        self.code = code.value  # a plain str: rows cross into Spark and Arrow
 
 
 def thumb_relpath(sha256: str, size: int) -> str:
@@ -94,17 +94,17 @@ def _read_once(path: str, settings: ExtractSettings) -> tuple[str, bytes | None]
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO must not block the open
     except FileNotFoundError:
-        raise ExtractError("vanished", "file disappeared after the scan") from None
+        raise ExtractError(IngestError.VANISHED, "file disappeared after the scan") from None
     except PermissionError:
-        raise ExtractError("unreadable", "permission denied") from None
+        raise ExtractError(IngestError.UNREADABLE, "permission denied") from None
     except OSError as e:
-        raise ExtractError("unreadable", f"cannot open: {e.strerror or e}") from None
+        raise ExtractError(IngestError.UNREADABLE, f"cannot open: {e.strerror or e}") from None
     with os.fdopen(fd, "rb", buffering=0) as f:
         st = os.fstat(f.fileno())
         if not stat.S_ISREG(st.st_mode):
-            raise ExtractError("not_a_file", "not a regular file (FIFO, device or socket)")
+            raise ExtractError(IngestError.NOT_A_FILE, "not a regular file (FIFO, device or socket)")
         if st.st_size == 0:
-            raise ExtractError("empty", "file is empty (0 bytes)")
+            raise ExtractError(IngestError.EMPTY, "file is empty (0 bytes)")
         keep = st.st_size <= settings.max_read_bytes
         if not keep:
             with _bomb_guard(settings.max_image_pixels):
@@ -122,7 +122,7 @@ def _read_once(path: str, settings: ExtractSettings) -> tuple[str, bytes | None]
                     if held > settings.max_read_bytes:  # still being written: stop holding it
                         keep, chunks = False, []
         except OSError as e:
-            raise ExtractError("unreadable", f"read failed: {e.strerror or e}") from None
+            raise ExtractError(IngestError.UNREADABLE, f"read failed: {e.strerror or e}") from None
     if keep:
         return digest.hexdigest(), b"".join(chunks)
     return digest.hexdigest(), None
@@ -182,12 +182,8 @@ def _write_thumbnail(thumb: Image.Image, dest: Path, quality: int) -> None:
     if dest.exists():
         return
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-    try:
+    with replacing(dest) as tmp:
         thumb.save(tmp, "JPEG", quality=quality, optimize=True)
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def prepare_thumbs_dir(thumbs_dir: Path) -> None:
@@ -205,11 +201,6 @@ def prepare_thumbs_dir(thumbs_dir: Path) -> None:
         raise OSError(e.errno, f"cannot write thumbnails: {e.strerror or e}", str(thumbs_dir)) from None
 
 
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text[:300]
-
-
 def extract_file(path: str, settings: ExtractSettings) -> dict[str, Any]:
     """Features of one file, or an error row; never raises for a bad file."""
     row: dict[str, Any] = dict.fromkeys(FEATURE_COLUMNS)
@@ -221,22 +212,22 @@ def extract_file(path: str, settings: ExtractSettings) -> dict[str, Any]:
             thumb, fmt, width, height = decode_thumbnail(io.BytesIO(data) if data is not None else path,
                                                          settings)
         except Image.DecompressionBombError as e:
-            raise ExtractError("too_large", f"decompression-bomb guard: {_one_line(e)}") from None
+            raise ExtractError(IngestError.TOO_LARGE, f"decompression-bomb guard: {one_line(e)}") from None
         except Image.DecompressionBombWarning as e:
-            raise ExtractError("too_large", f"decompression-bomb guard: {_one_line(e)}") from None
+            raise ExtractError(IngestError.TOO_LARGE, f"decompression-bomb guard: {one_line(e)}") from None
         except Image.UnidentifiedImageError:
-            raise ExtractError("not_an_image", "not a recognised image format") from None
+            raise ExtractError(IngestError.NOT_AN_IMAGE, "not a recognised image format") from None
         except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as e:
-            raise ExtractError("decode", f"cannot decode: {_one_line(e)}") from None
+            raise ExtractError(IngestError.DECODE, f"cannot decode: {one_line(e)}") from None
         except MemoryError:
-            raise ExtractError("too_large", "out of memory while decoding") from None
+            raise ExtractError(IngestError.TOO_LARGE, "out of memory while decoding") from None
         row.update(image_hashes(thumb))
         row["phash_dihedral"] = dihedral_phashes(thumb)
         rel = thumb_relpath(sha, settings.thumb_size)
         try:
             _write_thumbnail(thumb, Path(settings.thumbs_dir) / rel, settings.thumb_quality)
         except OSError as e:
-            raise ExtractError("thumbnail", f"cannot write thumbnail: {_one_line(e)}") from None
+            raise ExtractError(IngestError.THUMBNAIL, f"cannot write thumbnail: {one_line(e)}") from None
         row.update(format=fmt, width=width, height=height, thumb=rel)
     except ExtractError as e:
         row.update(error=e.code, message=str(e))

@@ -20,13 +20,8 @@ from datetime import UTC, datetime
 
 import pyarrow as pa
 
-MANIFEST_SCHEMA = pa.schema([
-    ("path", pa.string()),
-    ("bytes", pa.int64()),
-    ("mtime", pa.timestamp("us", tz="UTC")),
-    ("error", pa.string()),
-    ("message", pa.string()),
-])
+from lookalike.errors import IngestError
+from lookalike.stages import schemas
 
 Row = tuple[str, int, datetime, str | None, str | None]
 
@@ -70,7 +65,8 @@ def _storable(row: Row) -> Row:
         return row
     except UnicodeEncodeError:
         shown = row[0].encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-        return (shown, row[1], row[2], "bad_name", "file name is not valid UTF-8; rename it to catalogue it")
+        return (shown, row[1], row[2], IngestError.BAD_NAME.value,
+                "file name is not valid UTF-8; rename it to catalogue it")
 
 
 def _classify(entry_path: str, settings: ScanSettings, visited: set[tuple[int, int]]) -> tuple[
@@ -85,11 +81,12 @@ def _classify(entry_path: str, settings: ScanSettings, visited: set[tuple[int, i
         real = os.path.realpath(entry_path)
         if not os.path.exists(real):
             if settings.wants(name):
-                return "file", (entry_path, lst.st_size, _mtime(lst), "broken_link", _why_broken(entry_path))
+                return "file", (entry_path, lst.st_size, _mtime(lst), IngestError.BROKEN_LINK.value,
+                                _why_broken(entry_path))
             return "skip", None
         if not settings.inside_roots(real):
             if settings.wants(name) or os.path.isdir(real):
-                return "file", (entry_path, lst.st_size, _mtime(lst), "outside_root",
+                return "file", (entry_path, lst.st_size, _mtime(lst), IngestError.OUTSIDE_ROOT.value,
                                 "symbolic link leads outside the scanned roots; not followed")
             return "skip", None
         parent = os.path.realpath(os.path.dirname(entry_path))
@@ -111,7 +108,7 @@ def _classify(entry_path: str, settings: ScanSettings, visited: set[tuple[int, i
         return "skip", None
     if stat.S_ISREG(st.st_mode):
         return "file", (entry_path, st.st_size, _mtime(st), None, None)
-    return "file", (entry_path, st.st_size, _mtime(st), "not_a_file",
+    return "file", (entry_path, st.st_size, _mtime(st), IngestError.NOT_A_FILE.value,
                     "not a regular file (FIFO, socket or device)")
 
 
@@ -122,7 +119,7 @@ def _list_dir(path: str, settings: ScanSettings, visited: set[tuple[int, int]]) 
     try:
         names = sorted(os.listdir(path))
     except OSError as e:
-        files.append(_storable((path, 0, datetime.fromtimestamp(0, tz=UTC), "unreadable",
+        files.append(_storable((path, 0, datetime.fromtimestamp(0, tz=UTC), IngestError.UNREADABLE.value,
                                 f"cannot list directory: {e.strerror or e}")))
         return dirs, files
     for name in names:
@@ -163,7 +160,7 @@ def walk(subtree: str, settings: ScanSettings) -> Iterator[Row]:
 
 
 def rows_to_table(rows: list[Row]) -> pa.Table:
-    cols = list(zip(*rows, strict=True)) if rows else [[] for _ in MANIFEST_SCHEMA]
-    return pa.Table.from_arrays([pa.array(c, type=f.type) for c, f in zip(cols, MANIFEST_SCHEMA,
+    cols = list(zip(*rows, strict=True)) if rows else [[] for _ in schemas.MANIFEST]
+    return pa.Table.from_arrays([pa.array(c, type=f.type) for c, f in zip(cols, schemas.MANIFEST,
                                                                           strict=True)],
-                                schema=MANIFEST_SCHEMA)
+                                schema=schemas.MANIFEST)

@@ -12,7 +12,6 @@ of 1280-d), and a killed recluster resumes with the images that have no vector y
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from collections.abc import Iterator
@@ -22,13 +21,16 @@ import psycopg
 import pyarrow as pa
 
 from lookalike import db
-from lookalike.catalog import FIRST_PATH
-from lookalike.categories import assignment, cluster_config, fit_and_write, record_transitions
+from lookalike.cluster.algorithm import ClusterConfig
+from lookalike.cluster.store import cluster_all
 from lookalike.config import Config
-from lookalike.load import copy_embeddings
-from lookalike.models import resolve_model
+from lookalike.db import runs
+from lookalike.db.load import copy_embeddings
+from lookalike.db.sql import FIRST_PATH
+from lookalike.driver.stages import SparkStages
+from lookalike.layout import Layout
+from lookalike.models.registry import resolve_model
 from lookalike.progress import say
-from lookalike.vectors import chunks, spilled_vectors
 
 
 @dataclass
@@ -46,22 +48,17 @@ class ReclusterSummary:
 
 
 def recluster(cfg: Config, model: str | None = None, wait: bool = False) -> ReclusterSummary:
-    from lookalike.pipeline import Runner  # the Spark-side stages
-
     started = time.monotonic()
+    layout = Layout(cfg.home)
     with db.writer(cfg, wait) as (conn, vector_type):
-        old_name = db.get_meta(conn, "active_model")
         old_ver = db.get_meta(conn, "active_model_ver")
-        name = model or old_name or cfg["embed"]["model"]
-        spec = resolve_model(name, clip_checkpoint=cfg["embed"]["clip_checkpoint"] or None)
-        name = name if name.startswith("open_clip:") else spec.name
-        with conn.transaction():
-            run_id = conn.execute("INSERT INTO runs (kind, model_ver) VALUES ('recluster', %s) "
-                                  "RETURNING run_id", (spec.model_ver,)).fetchone()[0]
-        try:
-            runner = Runner(cfg, conn, vector_type)
+        requested = model or db.get_meta(conn, "active_model") or cfg["embed"]["model"]
+        spec = resolve_model(requested, clip_checkpoint=cfg["embed"]["clip_checkpoint"] or None)
+        name = runs.model_name(requested, spec)
+        with runs.recorded_run(conn, "recluster", model_ver=spec.model_ver) as run_id:
+            stages = SparkStages(cfg, layout)
             # Stages a killed recluster left behind: their vectors were committed or are made again.
-            for leftover in runner.layout.all_stages.glob("recluster-*"):
+            for leftover in layout.all_stages.glob("recluster-*"):
                 shutil.rmtree(leftover, ignore_errors=True)
             todo = _count_to_embed(conn, spec.model_ver)
             say(f"recluster: {todo} of the catalog's images need {spec.model_ver} vectors")
@@ -69,32 +66,21 @@ def recluster(cfg: Config, model: str | None = None, wait: bool = False) -> Recl
             batches = _images_to_embed(conn, spec.model_ver, cfg["scan"]["manifest_files"])
             for part, rows in enumerate(batches):
                 stage_name = f"recluster-{run_id:06d}-{part:05d}"
-                embeddings = runner.embed(stage_name, rows, spec)
+                embeddings = stages.embed(stage_name, rows, spec)
                 with conn.transaction(), conn.cursor() as cur:
                     copy_embeddings(cur, embeddings, vector_type, run_id)
-                shutil.rmtree(runner.layout.stages(stage_name), ignore_errors=True)
+                shutil.rmtree(layout.stages(stage_name), ignore_errors=True)
                 embedded += rows.num_rows
-            n_clusters = 0
-            with spilled_vectors(conn, spec.model_ver, vector_type, cfg.home / "scratch") as (ids, vectors), \
-                    conn.transaction(), conn.cursor() as cur:
-                before = assignment(cur, old_ver) if old_ver else {}
-                cur.execute("DELETE FROM clusters WHERE model_ver = %s", (spec.model_ver,))
+            with conn.transaction(), conn.cursor() as cur:
                 cur.execute("DELETE FROM cluster_transitions WHERE new_model_ver = %s", (spec.model_ver,))
-                if len(ids):
-                    counts = fit_and_write(cur, spec.model_ver, ids, lambda: chunks(vectors), len(ids),
-                                           cluster_config(cfg["cluster"]), vector_type)
-                    n_clusters = counts.created
-                if before:
-                    record_transitions(cur, old_ver, before, spec.model_ver)
-                db.set_meta(conn, "active_model", name)
-                db.set_meta(conn, "active_model_ver", spec.model_ver)
-                summary = ReclusterSummary(name, spec.model_ver, len(ids), embedded, n_clusters,
+                counts = cluster_all(cur, spec.model_ver, ClusterConfig.from_config(cfg["cluster"]),
+                                     vector_type, layout.scratch, previous_ver=old_ver)
+                images = cur.execute("SELECT count(*) FROM image_embeddings WHERE model_ver = %s",
+                                     (spec.model_ver,)).fetchone()[0]
+                runs.set_active_model(conn, name, spec.model_ver)
+                summary = ReclusterSummary(name, spec.model_ver, images, embedded, counts.created,
                                            time.monotonic() - started)
-                cur.execute("UPDATE runs SET status = 'ok', finished_at = now(), summary = %s "
-                            "WHERE run_id = %s", (json.dumps(vars(summary)), run_id))
-        except BaseException as e:
-            db.mark_run_failed(conn, run_id, e)
-            raise
+                runs.finish_run(cur, run_id, vars(summary))
         return summary
 
 

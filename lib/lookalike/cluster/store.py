@@ -1,6 +1,6 @@
 """Similarity categories in the catalog: clusters and image_cluster for one model_ver.
 
-The algorithms live in lookalike.clustering; this module reads and writes their state.
+The algorithms live in lookalike.cluster.algorithm; this module reads and writes their state.
 New images join clusters incrementally inside their manifest's transaction. Images that
 are not close enough to any cluster wait in cluster_pool with a provisional image_cluster
 row (their nearest cluster), so every embedded image always has exactly one row.
@@ -16,7 +16,7 @@ import numpy as np
 import psycopg
 
 from lookalike import db
-from lookalike.clustering import (
+from lookalike.cluster.algorithm import (
     ClusterConfig,
     assign,
     assign_incremental,
@@ -24,9 +24,8 @@ from lookalike.clustering import (
     fit_clusters,
     should_refit,
 )
-from lookalike.db import vector_to_db
+from lookalike.db.vector_io import chunks, read_vectors, spilled_vectors, vector_to_db
 from lookalike.progress import say
-from lookalike.vectors import chunks, read_vectors, spilled_vectors
 
 
 @dataclass
@@ -42,11 +41,6 @@ class ClusterCounts:
         self.pooled = other.pooled  # a level, not a sum
         self.refits += other.refits
 
-
-def cluster_config(cfg: dict) -> ClusterConfig:
-    return ClusterConfig(k=cfg["k"] or None, merge_cosine=cfg["merge_cosine"],
-                         join_cosine=cfg["join_cosine"], pool_min=cfg["pool_min"],
-                         refit_growth=cfg["refit_growth"] or float("inf"))
 
 
 def fit_size_key(model_ver: str) -> str:
@@ -105,15 +99,28 @@ def fit_and_write(cur: psycopg.Cursor, model_ver: str, ids: np.ndarray,
     return ClusterCounts(joined=0, created=len(cluster_ids))
 
 
-def refit(cur: psycopg.Cursor, model_ver: str, cfg: ClusterConfig, vector_type: str,
-          scratch: Path) -> ClusterCounts:
-    """A full clustering of every vector of model_ver in place of its clusters (same transaction);
-    how the old clusters map onto the new ones goes to cluster_transitions."""
-    before = assignment(cur, model_ver)
+def cluster_all(cur: psycopg.Cursor, model_ver: str, cfg: ClusterConfig, vector_type: str, scratch: Path,
+                previous_ver: str | None = None) -> ClusterCounts:
+    """Every vector of model_ver clustered anew, in place of its clusters (in `cur`'s transaction).
+
+    How the clusters of previous_ver (model_ver's own by default; the old model's after a model
+    change) map onto the new ones goes to cluster_transitions.
+    """
+    previous_ver = previous_ver or model_ver
+    before = assignment(cur, previous_ver)
+    counts = ClusterCounts()
     with spilled_vectors(cur.connection, model_ver, vector_type, scratch) as (ids, vectors):
         cur.execute("DELETE FROM clusters WHERE model_ver = %s", (model_ver,))  # cascades to image_cluster
-        counts = fit_and_write(cur, model_ver, ids, lambda: chunks(vectors), len(ids), cfg, vector_type)
-    record_transitions(cur, model_ver, before, model_ver)
+        if len(ids):
+            counts = fit_and_write(cur, model_ver, ids, lambda: chunks(vectors), len(ids), cfg, vector_type)
+    record_transitions(cur, previous_ver, before, model_ver)
+    return counts
+
+
+def refit(cur: psycopg.Cursor, model_ver: str, cfg: ClusterConfig, vector_type: str,
+          scratch: Path) -> ClusterCounts:
+    """cluster_all within one model, when the catalog has grown refit_growth-fold since its last fit."""
+    counts = cluster_all(cur, model_ver, cfg, vector_type, scratch)
     counts.refits = 1
     return counts
 

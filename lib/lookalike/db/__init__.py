@@ -6,7 +6,6 @@ pgvector `vector` where the extension exists, else `bytea` holding float32.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import re
@@ -16,10 +15,11 @@ from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 
-import numpy as np
 import psycopg
 
 from lookalike.config import Config
+from lookalike.errors import one_line
+from lookalike.layout import Layout
 from lookalike.progress import say
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ def redact_dsn(dsn: str) -> str:
 
 def embedded_uri(home: Path) -> str:
     """Start (or reuse) the embedded PostgreSQL under <home>/pg; it listens on a unix socket only."""
-    pgdata = home / "pg"
+    pgdata = Layout(home).pg
     if pgdata not in _servers:
         # Imported here so a DSN-only deployment does not need the embedded binaries.
         with warnings.catch_warnings():
@@ -81,16 +81,22 @@ def _forget_dead_users(pgdata: Path) -> None:
                     DiskList(users).get_and_remove(pid)
 
 
-def connect(cfg: Config) -> psycopg.Connection:
-    """An autocommit connection: every transaction is an explicit `with conn.transaction()`."""
-    dsn = cfg.dsn
+def connect(cfg: Config, dsn: str | None = None, create: bool = True) -> psycopg.Connection:
+    """An autocommit connection: every transaction is an explicit `with conn.transaction()`.
+
+    `dsn` wins over the config's (and LOOKALIKE_DSN); without either, the embedded server under
+    the home, which only a writer may `create` (a reader on a mistyped home must not start an
+    empty PostgreSQL there).
+    """
+    dsn = dsn or cfg.dsn
+    if not dsn and not create and not Layout(cfg.home).pg.is_dir():
+        raise CatalogUnavailable(f"no catalog in {cfg.home} (no pg/ folder): check --home / home=")
     try:
         uri = dsn or embedded_uri(cfg.home)
         return psycopg.connect(uri, autocommit=True, connect_timeout=10)
     except psycopg.OperationalError as e:
-        where = redact_dsn(dsn) if dsn else f"embedded server in {cfg.home / 'pg'}"
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CatalogUnavailable(f"cannot reach the catalog at {where}: {first_line}") from None
+        where = redact_dsn(dsn) if dsn else f"embedded server in {Layout(cfg.home).pg}"
+        raise CatalogUnavailable(f"cannot reach the catalog at {where}: {one_line(e)}") from None
 
 
 def _has_pgvector(conn: psycopg.Connection) -> bool:
@@ -117,7 +123,8 @@ def ensure_schema(conn: psycopg.Connection) -> str:
         if conn.execute("SELECT to_regclass('catalog_meta')").fetchone()[0]:
             row = conn.execute("SELECT value FROM catalog_meta WHERE key = 'vector_type'").fetchone()
         vector_type = row[0] if row else ("vector" if _has_pgvector(conn) else "bytea")
-        ddl = resources.files("lookalike").joinpath("schema.sql").read_text().replace("{vector}", vector_type)
+        ddl = resources.files("lookalike.db").joinpath("schema.sql").read_text()
+        ddl = ddl.replace("{vector}", vector_type)
         with warnings.catch_warnings():
             conn.execute("SET LOCAL client_min_messages = warning")  # no NOTICE per existing table
             conn.execute(ddl)
@@ -149,28 +156,10 @@ def set_meta(conn: psycopg.Connection, key: str, value: str) -> None:
     )
 
 
-def vector_to_db(vec: np.ndarray, vector_type: str) -> object:
-    """A float32 vector in the catalog's storage: pgvector's type, or little-endian float32 bytes."""
-    vec = np.asarray(vec, dtype=np.float32)
-    if vector_type == "vector":
-        from pgvector import Vector
-
-        return Vector(vec)
-    return vec.astype("<f4").tobytes()
 
 
-def vector_from_db(value: object) -> np.ndarray:
-    if isinstance(value, bytes | memoryview):
-        return np.frombuffer(bytes(value), dtype="<f4").astype(np.float32)
-    return np.asarray(value.to_numpy() if hasattr(value, "to_numpy") else value, dtype=np.float32)
 
 
-def mark_run_failed(conn: psycopg.Connection, run_id: int, error: BaseException) -> None:
-    """Record why a run stopped. Best effort: when the catalog itself went away, the original
-    error is what matters, so a failure to record it is ignored."""
-    with contextlib.suppress(psycopg.Error), conn.transaction():
-        conn.execute("UPDATE runs SET status = 'failed', finished_at = now(), message = %s WHERE run_id = %s",
-                     (str(error)[:500] or type(error).__name__, run_id))
 
 
 @contextmanager

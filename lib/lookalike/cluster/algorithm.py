@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import faiss
 import numpy as np
@@ -38,6 +39,9 @@ import pandas as pd
 from scipy import sparse
 from sklearn.cluster import MiniBatchKMeans, kmeans_plusplus
 from threadpoolctl import threadpool_limits
+
+from lookalike.config import load_config
+from lookalike.vectors import l2_normalize
 
 __all__ = [
     "ClusterConfig",
@@ -55,20 +59,34 @@ __all__ = [
 
 @dataclass(frozen=True)
 class ClusterConfig:
-    """Clustering parameters. Defaults were chosen with bench/cluster_quality.py --sweep on
-    EfficientNet-Lite0 embeddings; the cosine thresholds are model-specific."""
+    """Clustering parameters. The first five are the configuration's (conf/lookalike.toml
+    [cluster], the one place their values live); the rest are the algorithm's own, chosen with
+    bench/cluster_quality.py --sweep on EfficientNet-Lite0 embeddings."""
 
-    k: int | None = None  # k-means clusters before merging; None: derive_k(n)
+    k: int | None  # k-means clusters before merging; None: derive_k(n)
+    merge_cosine: float  # centroids (and merged groups) at least this close become one cluster
+    join_cosine: float  # a new image joins its nearest cluster at this cosine or above
+    pool_min: int  # pooled images that trigger seeding new clusters
+    refit_growth: float  # should_refit once the collection has grown this much since the fit
     k_per_sqrt_n: float = 2.0  # derived k = k_per_sqrt_n * sqrt(n), clipped to [1, k_max]
     k_max: int = 4096  # bounds the fit time of very large archives
-    merge_cosine: float = 0.90  # centroids (and merged groups) at least this close become one cluster
-    join_cosine: float = 0.40  # a new image joins its nearest cluster at this cosine or above
-    pool_min: int = 100  # pooled images that trigger seeding new clusters
-    refit_growth: float = 2.0  # should_refit once the collection has grown this much since the fit
     init_per_cluster: int = 40  # sample rows per cluster for the Lloyd initialisation
     batch_size: int = 4096  # MiniBatchKMeans step size
     passes: int = 2  # partial_fit passes over the data after the warm start
     seed: int = 0
+
+    @classmethod
+    def from_config(cls, section: dict[str, Any], **overrides: Any) -> ClusterConfig:
+        """From a config's [cluster] section: k = 0 derives k, refit_growth = 0 never refits."""
+        values = {"k": section["k"] or None, "merge_cosine": section["merge_cosine"],
+                  "join_cosine": section["join_cosine"], "pool_min": section["pool_min"],
+                  "refit_growth": section["refit_growth"] or float("inf")}
+        return cls(**{**values, **overrides})
+
+    @classmethod
+    def defaults(cls, **overrides: Any) -> ClusterConfig:
+        """conf/lookalike.toml's values (for tests and benchmarks that build no Config)."""
+        return cls.from_config(load_config()["cluster"], **overrides)
 
 
 @dataclass
@@ -117,11 +135,6 @@ def should_refit(n_at_fit: int, n_now: int, cfg: ClusterConfig) -> bool:
     """
     return n_at_fit <= 0 or n_now >= cfg.refit_growth * n_at_fit
 
-
-def _normalise(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(norms, 1e-12)
 
 
 def _chunks(batches: Iterable[np.ndarray], size: int) -> Iterator[np.ndarray]:
@@ -237,7 +250,7 @@ def merge_centroids(
     fixed = np.zeros(n, dtype=bool)
     fixed[:n_fixed] = True
     if n > 1:
-        unit = _normalise(vectors)
+        unit = l2_normalize(vectors)
         # Range search keeps memory linear in the pairs found; its radius is exclusive, so nudge it.
         radius = float(np.nextafter(np.float32(merge_cosine), np.float32(-1)))
         lims, sims, nbrs = _flat_ip(unit).range_search(unit, radius)
@@ -263,7 +276,7 @@ def merge_centroids(
     group = index_of[roots]
     m = n_fixed + len(new_roots)
     sums = _group_sum(group, np.asarray(vectors, dtype=np.float64) * w[:, None], m)
-    return _normalise(sums), np.bincount(group, weights=w, minlength=m), group
+    return l2_normalize(sums), np.bincount(group, weights=w, minlength=m), group
 
 
 def _warm_kmeans(sample: np.ndarray, k: int, cfg: ClusterConfig) -> MiniBatchKMeans:
@@ -330,7 +343,7 @@ def fit_clusters(batches: Callable[[], Iterable[np.ndarray]], n: int, cfg: Clust
             km.partial_fit(chunk[rng.permutation(len(chunk))])
 
     # One exact Lloyd step: centroids become their members' means, empty clusters drop out.
-    sums, counts = _member_stats(batches(), _normalise(km.cluster_centers_), cfg.batch_size)
+    sums, counts = _member_stats(batches(), l2_normalize(km.cluster_centers_), cfg.batch_size)
     live = counts > 0
     means = sums[live] / counts[live, None]
     # Merging un-normalised means weighted by counts is the exact mean of the merged members.
@@ -345,7 +358,7 @@ def fit_clusters(batches: Callable[[], Iterable[np.ndarray]], n: int, cfg: Clust
 def _seed_pool(pool: np.ndarray, cfg: ClusterConfig) -> tuple[np.ndarray, np.ndarray]:
     """Seed centroids (normalised) and their sizes: the pool clustered as a full fit of it would be."""
     k = derive_k(len(pool), cfg)
-    seeds = _normalise(_warm_kmeans(pool, k, cfg).cluster_centers_)
+    seeds = l2_normalize(_warm_kmeans(pool, k, cfg).cluster_centers_)
     used = np.bincount(assign(seeds, pool)[0], minlength=k)
     return seeds[used > 0], used[used > 0]
 
@@ -365,8 +378,9 @@ def assign_incremental(
     sizes = np.asarray(sizes, dtype=np.int64)
     m = len(sizes)
     d = np.asarray(vecs).shape[-1] if m == 0 else np.asarray(centroids).shape[1]
-    centroids = _normalise(np.asarray(centroids).reshape(m, d))
-    rows = _normalise(np.concatenate([np.asarray(vecs).reshape(-1, d), np.asarray(pool_vecs).reshape(-1, d)]))
+    centroids = l2_normalize(np.asarray(centroids).reshape(m, d))
+    rows = l2_normalize(np.concatenate([np.asarray(vecs).reshape(-1, d),
+                                        np.asarray(pool_vecs).reshape(-1, d)]))
 
     nearest, cos = assign(centroids, rows)
     cluster = np.where(cos >= cfg.join_cosine, nearest, -1)
@@ -397,7 +411,7 @@ def assign_incremental(
     cluster[member] = renumber[cluster[member]]
     touched = keep & (added > 0)
     out_centroids = targets[keep].copy()
-    out_centroids[touched[keep]] = _normalise(sums[touched])
+    out_centroids[touched[keep]] = l2_normalize(sums[touched])
     out_centroids[:m][added[:m] == 0] = centroids[added[:m] == 0]  # untouched: unchanged
     out_sizes = (np.concatenate([sizes, np.zeros(len(targets) - m, dtype=np.int64)]) + added)[keep]
 

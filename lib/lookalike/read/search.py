@@ -6,9 +6,11 @@ embedded from that thumbnail with the catalog's pinned model, so a catalogued fi
 exactly its stored values. Three searches follow:
 
 - exact: the same sha256;
-- near-duplicate: pHash Hamming distance <= neardup.phash_radius, or a flipped/rotated
-  variant within neardup.orient_radius (the catalog stores one pHash per image, so the query
-  carries the 7 variants);
+- near-duplicate: the pair rule of a run (lookalike.dedup.pairs.find_pairs), so `similar`
+  and the catalog agree: a catalogued image's near-duplicates are the pairs the catalog holds
+  for it; a file outside the catalog is tested as if it were a run's new image, against the
+  indexes the runs keep (pHash within neardup.phash_radius, a flipped/rotated pHash within
+  orient_radius, embeddings of cosine >= min_cosine, with the same verification and caps);
 - semantic: cosine distance to the active model's vectors, in PostgreSQL with pgvector
   (`<=>`), else streamed out of the bytea column and ranked in numpy.
 """
@@ -21,35 +23,50 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Protocol
 
 import numpy as np
 import pandas as pd
 import psycopg
 from PIL import Image
 
-from lookalike import db
-from lookalike.extract import ExtractSettings, extract_file
-from lookalike.hashing import DIHEDRAL, HASH_VERSION, dihedral_phashes
-from lookalike.models import Embedder, ModelSpec, WeightsNotFoundError, get_embedder, onnx_path, resolve_model
+from lookalike.config import Config
+from lookalike.db import runs
+from lookalike.db.vector_io import stored_vectors, vector_from_db, vector_to_db
+from lookalike.dedup.indexes import DedupIndexes
+from lookalike.dedup.pairs import NearDupConfig, NewImages, find_pairs
+from lookalike.index import VectorSearch
+from lookalike.index.exact import ExactVectorIndex
+from lookalike.layout import Layout
+from lookalike.models.registry import ModelSpec, WeightsNotFoundError
+from lookalike.models.runtime import Embedder, catalog_embedder
+from lookalike.read.text import human_bytes
+from lookalike.stages.extract import ExtractSettings, extract_file
+from lookalike.stages.hashing import DIHEDRAL, HASH_VERSION, dihedral_phashes
+from lookalike.vectors import l2_normalize
 
-if TYPE_CHECKING:
-    from lookalike.catalog import Catalog
+
+class CatalogReader(Protocol):
+    """What a search reads of an open catalog (lookalike.read.catalog.Catalog is one)."""
+
+    conn: psycopg.Connection
+    cfg: Config
+    layout: Layout
+    vector_type: str
+
+    @property
+    def model_ver(self) -> str | None: ...
+
+    def thumbnail(self, image_id: int) -> Image.Image: ...
 
 # A file path, an in-memory picture, or the image_id of a catalogued image.
 QueryInput = str | Path | Image.Image | numbers.Integral | None
 # Vectors ranked per batch when the catalog stores them as bytea.
 SCAN_BATCH = 8192
 TRANSFORMS = [t.name.lower() for t in DIHEDRAL]
-# Which of near-duplicate images to keep (or list first): the largest resolution, then the most bytes.
-KEEP_ORDER = "i.width::bigint * i.height DESC, i.bytes DESC, i.image_id"
 RESULT_COLUMNS = ["kind", "rank", "image_id", "distance", "method", "transform", "width", "height",
                   "format", "bytes", "path", "paths", "thumb_path"]
 
-
-def hamming_sql(a: str, b: str) -> str:
-    """SQL for the Hamming distance of two BIGINT hashes: bit_count takes bit strings, not integers."""
-    return f"bit_count(({a} # {b})::bit(64))"
 
 
 class QueryError(ValueError):
@@ -73,7 +90,8 @@ class Query:
     notes: list[str] = field(default_factory=list)
 
 
-def similar(cat: Catalog, query: QueryInput = None, k: int = 10, text: str | None = None) -> pd.DataFrame:
+def similar(cat: CatalogReader, query: QueryInput = None, k: int = 10,
+            text: str | None = None) -> pd.DataFrame:
     """Top-k matches as one DataFrame (columns RESULT_COLUMNS), `kind` in exact / near-duplicate /
     semantic, each kind ranked by distance. With `text`, semantic matches of the text (CLIP only).
 
@@ -100,14 +118,16 @@ def similar(cat: Catalog, query: QueryInput = None, k: int = 10, text: str | Non
                                     "notes": []})
     with tempfile.TemporaryDirectory(prefix="lookalike-query-") as tmp:
         q = _prepare(cat, query, Path(tmp))
-    hits = _exact(q) + _near_duplicates(cat, q, k)
-    model_ver = None
+    vector, model_ver = None, None
     try:
         spec = catalog_model(cat)
         model_ver = spec.model_ver
-        hits += _semantic(cat, _query_vector(cat, spec, q), k, exclude=q.image_id)
+        vector = _query_vector(cat, spec, q)
     except QueryError as e:
         q.notes.append(f"no semantic search: {e}")
+    hits = _exact(q) + _near_duplicates(cat, q, vector, k)
+    if vector is not None:
+        hits += _semantic(cat, vector, k, exclude=q.image_id)
     return _results(cat, hits, {"query": describe(q), "text": False, "model_ver": model_ver,
                                 "notes": q.notes})
 
@@ -115,7 +135,7 @@ def similar(cat: Catalog, query: QueryInput = None, k: int = 10, text: str | Non
 # --------------------------------------------------------------------------- the query
 
 
-def _prepare(cat: Catalog, query: QueryInput, tmp: Path) -> Query:
+def _prepare(cat: CatalogReader, query: QueryInput, tmp: Path) -> Query:
     if isinstance(query, bool):  # an int to Python, but surely a mistake here
         raise QueryError(f"not an image query: {query!r}")
     if isinstance(query, numbers.Integral):  # numpy integers too, as DataFrame cells give them
@@ -134,7 +154,7 @@ def _prepare(cat: Catalog, query: QueryInput, tmp: Path) -> Query:
     return _from_file(cat, path.resolve(), tmp, str(path.resolve()))
 
 
-def _from_file(cat: Catalog, path: Path, tmp: Path, label: str) -> Query:
+def _from_file(cat: CatalogReader, path: Path, tmp: Path, label: str) -> Query:
     settings = ExtractSettings.from_config(cat.cfg, tmp / "thumbs")
     row = extract_file(str(path), settings)
     if row["error"] is not None:
@@ -146,7 +166,7 @@ def _from_file(cat: Catalog, path: Path, tmp: Path, label: str) -> Query:
                  row["height"], row["format"], path.stat().st_size, found[0] if found else None)
 
 
-def _from_catalog(cat: Catalog, image_id: int) -> Query:
+def _from_catalog(cat: CatalogReader, image_id: int) -> Query:
     row = cat.conn.execute(
         "SELECT i.sha256, h.phash, h.hash_version, i.width, i.height, i.format, i.bytes, "
         "(SELECT min(p.path) FROM image_paths p WHERE p.image_id = i.image_id) FROM images i "
@@ -172,40 +192,31 @@ def describe(q: Query) -> str:
 # --------------------------------------------------------------------------- the model
 
 
-def catalog_model(cat: Catalog) -> ModelSpec:
+def catalog_model(cat: CatalogReader) -> ModelSpec:
     """The catalog's pinned model, resolved on this machine; never pins one (read-only)."""
-    name, ver = cat.model, cat.model_ver
-    if name is None or ver is None:
-        raise QueryError("the catalog has no embedding model yet: `lookalike run` embeds the images")
     try:
-        spec = resolve_model(name, clip_checkpoint=cat.cfg["embed"]["clip_checkpoint"] or None)
+        return runs.catalog_model(cat.conn, cat.cfg)
+    except runs.ModelMismatch as e:
+        raise QueryError(str(e)) from None
     except (WeightsNotFoundError, ValueError) as e:
-        raise QueryError(f"cannot load the catalog's model {name}: {e}") from None
-    if spec.model_ver != ver:
-        raise QueryError(f"the weights of {name} here give {spec.model_ver}, but the catalog's vectors are "
-                         f"{ver}: comparing them would be meaningless")
-    return spec
+        raise QueryError(f"cannot load the catalog's model: {e}") from None
 
 
-def embedder_for(cat: Catalog, spec: ModelSpec, sample: Image.Image | None,
+def embedder_for(cat: CatalogReader, spec: ModelSpec, sample: Image.Image | None,
                  backend: str | None = None) -> Embedder:
-    """The embedder the pipeline uses for this catalog: the configured backend (unless `backend`
-    says otherwise), ONNX exports cached under <home>/models."""
+    """The embedder the runs use for this catalog (unless `backend` says otherwise); a new ONNX
+    export is checked against torch on the query's own picture."""
     e = cat.cfg["embed"]
-    backend = backend or e["backend"]
-    verify = None
-    if backend != "torch" and sample is not None and not onnx_path(spec, cat.layout.models).exists():
-        verify = [sample]  # the export is checked against torch on a real photo, as the pipeline does
-    return get_embedder(spec, backend=backend, cache_dir=cat.layout.models, batch_size=e["batch_size"],
-                        verify_images=verify)
+    return catalog_embedder(spec, backend or e["backend"], cat.layout.models, e["batch_size"],
+                            lambda: [sample] if sample is not None else [])
 
 
-def _query_vector(cat: Catalog, spec: ModelSpec, q: Query) -> np.ndarray:
+def _query_vector(cat: CatalogReader, spec: ModelSpec, q: Query) -> np.ndarray:
     if q.image_id is not None:
         row = cat.conn.execute("SELECT embedding FROM image_embeddings WHERE image_id = %s "
                                "AND model_ver = %s", (q.image_id, spec.model_ver)).fetchone()
         if row is not None:
-            return db.vector_from_db(row[0])  # a catalogued image: its stored vector, no model to load
+            return vector_from_db(row[0])  # a catalogued image: its stored vector, no model to load
     return embedder_for(cat, spec, q.thumb).embed_images([q.thumb])[0]
 
 
@@ -219,56 +230,81 @@ def _exact(q: Query) -> list[Hit]:
     return [("exact", q.image_id, 0.0, "sha256", None)] if q.image_id is not None else []
 
 
-def _near_duplicates(cat: Catalog, q: Query, k: int) -> list[Hit]:
-    radius, orient_radius = cat.cfg["neardup"]["phash_radius"], cat.cfg["neardup"]["orient_radius"]
-    rows = cat.conn.execute(
-        f"""
-SELECT d.image_id, d.direct, d.oriented, d.transform FROM (
-    SELECT h.image_id, {hamming_sql("h.phash", "%(phash)s::bigint")} AS direct, o.bits AS oriented,
-           o.n AS transform
-    FROM image_hashes h
-    CROSS JOIN LATERAL (SELECT {hamming_sql("h.phash", "v")} AS bits, n FROM unnest(%(orient)s::bigint[])
-                        WITH ORDINALITY AS t(v, n) ORDER BY 1, 2 LIMIT 1) o
-    WHERE h.hash_version = %(version)s AND h.image_id IS DISTINCT FROM %(self)s
-) d JOIN images i USING (image_id)
-WHERE d.direct <= %(radius)s OR d.oriented <= %(orient_radius)s
--- Equally close copies: the one a group would keep first.
-ORDER BY least(CASE WHEN d.direct <= %(radius)s THEN d.direct END,
-               CASE WHEN d.oriented <= %(orient_radius)s THEN d.oriented END), {KEEP_ORDER}
-LIMIT %(k)s""",
-        {"phash": q.phash, "orient": q.orient, "version": HASH_VERSION, "self": q.image_id,
-         "radius": radius, "orient_radius": orient_radius, "k": k}).fetchall()
+def _near_duplicates(cat: CatalogReader, q: Query, vector: np.ndarray | None, k: int) -> list[Hit]:
+    """The k closest near-duplicates by the run's pair rule: pHash pairs first, by distance."""
+    if q.image_id is not None:  # catalogued: what the catalog holds for it
+        rows = cat.conn.execute(
+            "SELECT CASE WHEN image_id = %(id)s THEN other_id ELSE image_id END, method, distance "
+            "FROM near_duplicates WHERE image_id = %(id)s OR other_id = %(id)s",
+            {"id": q.image_id}).fetchall()
+        pairs = pd.DataFrame(rows, columns=["other_id", "method", "distance"])
+    else:
+        pairs = _pairs_as_new_image(cat, q, vector)
+    if pairs.empty:
+        return []
+    # One line an image, its closest pair: ranked by distance like the other kinds (an embedding
+    # pair's 1 - cosine is below 1 - min_cosine, so it ranks with pHash pairs of 0 bits).
+    pairs["embedding"] = pairs["method"] == "embedding"
+    pairs = pairs.sort_values(["distance", "embedding", "other_id"]).drop_duplicates("other_id").head(k)
+    hashes = dict(cat.conn.execute("SELECT image_id, phash FROM image_hashes WHERE image_id = ANY(%s)",
+                                   (pairs["other_id"].tolist(),)).fetchall())
     hits: list[Hit] = []
-    for image_id, direct, oriented, n in rows:
-        # A flipped copy matches its variant: only then is the orientation the explanation.
-        if direct <= radius and (direct <= oriented or oriented > orient_radius):
-            hits.append(("near-duplicate", image_id, float(direct), "phash", None))
-        else:
-            hits.append(("near-duplicate", image_id, float(oriented), "phash_orient", TRANSFORMS[n - 1]))
+    for other, method, distance in pairs[["other_id", "method", "distance"]].itertuples(index=False):
+        transform = _transform(q.orient, hashes.get(other)) if method == "phash_orient" else None
+        hits.append(("near-duplicate", int(other), float(distance), method, transform))
     return hits
 
 
-def _semantic(cat: Catalog, vector: np.ndarray, k: int, exclude: int | None) -> list[Hit]:
+def _pairs_as_new_image(cat: CatalogReader, q: Query, vector: np.ndarray | None) -> pd.DataFrame:
+    """find_pairs for the query as if a run had just loaded it (as image -1, so no pair skips it).
+    Without a vector (no usable model) the pHash rule alone decides, as for a run's image whose
+    thumbnail could not be embedded."""
+    hashes = DedupIndexes.read_hashes(cat.conn, cat.layout.index)
+    vectors: VectorSearch = ExactVectorIndex(1)
+    if vector is not None and cat.model_ver is not None:
+        vectors, note = DedupIndexes.read_vectors(cat.conn, cat.layout.index, cat.model_ver, len(vector))
+        if note:
+            q.notes.append(note)
+    has_vector = vector is not None
+    new = NewImages(ids=np.asarray([-1], np.int64), phash=np.asarray([q.phash], np.int64),
+                    dihedral=np.asarray([q.orient], np.int64),
+                    vectors=l2_normalize(vector[None, :]) if has_vector else np.zeros((1, 1), np.float32),
+                    has_vector=np.asarray([has_vector]))
+    with cat.conn.cursor() as cur:
+        stored = stored_vectors(cur, cat.model_ver or "", cat.vector_type)
+        pairs = find_pairs(new, hashes, vectors, NearDupConfig.from_config(cat.cfg["neardup"]), stored)
+    return pairs[["other_id", "method", "distance"]]
+
+
+def _transform(orient: list[int], other_phash: int | None) -> str | None:
+    """Which flip or rotation of the query the other image's pHash is closest to."""
+    if other_phash is None:
+        return None
+    bits = [bin((v ^ other_phash) & (2**64 - 1)).count("1") for v in orient]
+    return TRANSFORMS[int(np.argmin(bits))]
+
+
+def _semantic(cat: CatalogReader, vector: np.ndarray, k: int, exclude: int | None) -> list[Hit]:
     vector = np.asarray(vector, np.float32)
     if cat.vector_type == "vector":
         rows = cat.conn.execute(
             "SELECT image_id, (embedding <=> %s)::float8 AS distance FROM image_embeddings "
             "WHERE model_ver = %s AND image_id IS DISTINCT FROM %s ORDER BY 2, 1 LIMIT %s",
-            (db.vector_to_db(vector, "vector"), cat.model_ver, exclude, k)).fetchall()
+            (vector_to_db(vector, "vector"), cat.model_ver, exclude, k)).fetchall()
     else:
         rows = _scan_bytea(cat, vector, k, exclude)
     return [("semantic", image_id, float(distance), "embedding", None) for image_id, distance in rows]
 
 
-def _scan_bytea(cat: Catalog, vector: np.ndarray, k: int, exclude: int | None) -> list[tuple[int, float]]:
+def _scan_bytea(cat: CatalogReader, vector: np.ndarray, k: int,
+                exclude: int | None) -> list[tuple[int, float]]:
     """Top-k cosine distances over float32 bytea vectors, streamed in batches (bounded memory)."""
-    query = vector / max(float(np.linalg.norm(vector)), 1e-12)
+    query = l2_normalize(vector[None, :])[0]
     best: list[tuple[float, int]] = []  # a max-heap of the k best, as (-distance, -image_id)
 
     def rank(ids: list[int], blobs: list[bytes]) -> None:
         mat = np.frombuffer(b"".join(blobs), dtype="<f4").reshape(len(blobs), -1)
-        norms = np.maximum(np.linalg.norm(mat, axis=1), 1e-12)
-        for image_id, dist in zip(ids, (1.0 - mat @ query / norms).tolist(), strict=True):
+        for image_id, dist in zip(ids, (1.0 - l2_normalize(mat) @ query).tolist(), strict=True):
             item = (-dist, -image_id)
             if len(best) < k:
                 heapq.heappush(best, item)
@@ -280,7 +316,7 @@ def _scan_bytea(cat: Catalog, vector: np.ndarray, k: int, exclude: int | None) -
     return sorted(((-i, -d) for d, i in best), key=lambda r: (r[1], r[0]))
 
 
-def _embedding_batches(cat: Catalog, exclude: int | None) -> Iterator[tuple[list[int], list[bytes]]]:
+def _embedding_batches(cat: CatalogReader, exclude: int | None) -> Iterator[tuple[list[int], list[bytes]]]:
     sql = psycopg.ClientCursor(cat.conn).mogrify(
         "SELECT image_id, embedding FROM image_embeddings WHERE model_ver = %s "
         "AND image_id IS DISTINCT FROM %s", (cat.model_ver, exclude))
@@ -301,7 +337,7 @@ def _embedding_batches(cat: Catalog, exclude: int | None) -> Iterator[tuple[list
 # --------------------------------------------------------------------------- results
 
 
-def _results(cat: Catalog, hits: list[Hit], attrs: dict[str, object]) -> pd.DataFrame:
+def _results(cat: CatalogReader, hits: list[Hit], attrs: dict[str, object]) -> pd.DataFrame:
     ids = sorted({h[1] for h in hits})
     info = {row[0]: row[1:] for row in cat.conn.execute(
         "SELECT i.image_id, i.width, i.height, i.format, i.bytes, "
@@ -317,82 +353,3 @@ def _results(cat: Catalog, hits: list[Hit], attrs: dict[str, object]) -> pd.Data
     df = pd.DataFrame(rows, columns=RESULT_COLUMNS)
     df.attrs.update(attrs)
     return df
-
-
-def format_results(df: pd.DataFrame, cat: Catalog, k: int) -> str:
-    """The CLI's report: the query, then one small table per kind of match."""
-    nd = cat.cfg["neardup"]
-    lines = [f"query: {df.attrs.get('query')}"]
-    if df.attrs.get("model_ver"):
-        lines.append(f"model: {df.attrs['model_ver']}")
-    lines += [f"note: {n}" for n in df.attrs.get("notes", [])]
-    sections = [("semantic", f"semantic neighbours (cosine distance, top {k})")]
-    if not df.attrs.get("text"):
-        sections = [
-            ("exact", "exact copies (same sha256)"),
-            ("near-duplicate", f"near-duplicates (pHash Hamming distance <= {nd['phash_radius']} bits; "
-                               f"flipped/rotated <= {nd['orient_radius']}; top {k})"),
-            *sections,
-        ]
-    for kind, title in sections:
-        part = df[df["kind"] == kind]
-        lines += ["", f"{title}:"]
-        if part.empty:
-            lines.append("  none")
-            continue
-        if kind == "exact":
-            for r in part.itertuples():
-                lines.append(f"  image {r.image_id}  {r.width}x{r.height} {r.format}  "
-                             f"{len(r.paths)} path(s):")
-                lines += [f"    {p}" for p in r.paths]
-            continue
-        lines += _table(part, kind)
-    return "\n".join(lines)
-
-
-def _table(part: pd.DataFrame, kind: str) -> list[str]:
-    def dist(r: Any) -> str:  # r: a row of part.itertuples()
-        return f"{r.distance:.0f} bits" if kind == "near-duplicate" else f"{r.distance:.4f}"
-
-    def how(r: Any) -> str:
-        return f"{r.method} ({r.transform})" if r.transform else r.method
-
-    def path(r: Any) -> str:
-        more = len(r.paths) - 1
-        return f"{r.path or '(no path left)'}" + (f"  (+{more} more)" if more > 0 else "")
-
-    columns: list[tuple[str, list[str], bool]] = [
-        ("rank", [str(r.rank) for r in part.itertuples()], True),
-        ("image", [str(r.image_id) for r in part.itertuples()], True),
-        ("distance", [dist(r) for r in part.itertuples()], True),
-    ]
-    if kind == "near-duplicate":
-        columns.append(("method", [how(r) for r in part.itertuples()], False))
-    columns += [
-        ("size", [f"{r.width}x{r.height}" for r in part.itertuples()], False),
-        ("bytes", [human_bytes(r.bytes) for r in part.itertuples()], True),
-        ("path", [path(r) for r in part.itertuples()], False),
-    ]
-    widths = [max(len(h), *(len(v) for v in vals)) for h, vals, _ in columns]
-
-    def line(cells: list[str]) -> str:
-        out = [c.rjust(w) if right else c.ljust(w)
-               for c, w, (_, _, right) in zip(cells, widths, columns, strict=True)]
-        return ("  " + "  ".join(out)).rstrip()
-
-    rows = [line([h for h, _, _ in columns])]
-    rows += [line([vals[i] for _, vals, _ in columns]) for i in range(len(part))]
-    return rows
-
-
-def human_bytes(n: int | None) -> str:
-    if n is None:
-        return "-"
-    if n < 1000:
-        return f"{n} B"
-    size, unit = float(n) / 1000, "kB"
-    for bigger in ("MB", "GB"):
-        if size < 1000:
-            break
-        size, unit = size / 1000, bigger
-    return f"{size:.1f} {unit}"

@@ -1,26 +1,28 @@
-"""Bulk-load one manifest's stage outputs into the catalog in a single transaction.
+"""Bulk-load a manifest's stage outputs into the catalog, inside the caller's transaction.
 
 Rows go in through binary COPY into a temporary staging table, then set-based upserts move
-them into the catalog tables. The manifest is marked loaded in the same transaction, so a
-crash leaves either all of it or none of it, and a retry never duplicates anything.
+them into the catalog tables. The driver (lookalike.driver.ingest) claims the manifest, loads
+it, runs dedup and clustering and marks it loaded in one transaction, so a crash leaves
+either all of it or none of it, and a retry never duplicates anything.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import psycopg
 import pyarrow as pa
 
-from lookalike.hashing import HASH_VERSION
+from lookalike.db.vector_io import vector_to_db
+from lookalike.stages import schemas
+from lookalike.stages.hashing import HASH_VERSION
+from lookalike.stages.schemas import postgres_columns
 
-_STAGE_COLUMNS = [
-    ("path", "text"), ("bytes", "int8"), ("mtime", "timestamptz"), ("sha256", "text"),
-    ("width", "int4"), ("height", "int4"), ("format", "text"), ("phash", "int8"),
-    ("dhash", "int8"), ("ahash", "int8"), ("thumb", "text"), ("error", "text"), ("message", "text"),
-]
+# The features that go into the catalog (the dihedral pHashes serve the dedup stage only).
+_STAGE_COLUMNS = postgres_columns(schemas.FEATURES, [
+    "path", "bytes", "mtime", "sha256", "width", "height", "format", "phash", "dhash", "ahash", "thumb",
+    "error", "message"])
 
 _UPSERTS = [
     """
@@ -94,30 +96,33 @@ def _copy_stage(cur: psycopg.Cursor, features: pa.Table) -> None:
     cur.execute("ANALYZE stage")
 
 
-def load_manifest(conn: psycopg.Connection, manifest_id: str, run_id: int, features: pa.Table,
-                  extra: Callable[[psycopg.Cursor, dict[str, int]], None] | None = None) -> LoadCounts:
-    """Load one manifest; `extra` runs inside the same transaction (embeddings, groups, clusters)
-    and gets the sha256 -> image_id of the images this manifest added."""
-    with conn.transaction(), conn.cursor() as cur:
-        # Lock the manifest row: a second loader of the same manifest waits, then sees 'loaded'.
-        status = cur.execute("SELECT status FROM manifests WHERE manifest_id = %s FOR UPDATE",
-                             (manifest_id,)).fetchone()
-        if status is None or status[0] == "loaded":
-            return LoadCounts()
-        _copy_stage(cur, features)
-        params = {"run_id": run_id, "hash_version": HASH_VERSION}
-        inserted = dict(cur.execute(_UPSERTS[0], params).fetchall())
-        for statement in _UPSERTS[1:]:
-            cur.execute(statement, params)
-        good, errors = cur.execute(
-            "SELECT count(*) FILTER (WHERE error IS NULL), count(*) FILTER (WHERE error IS NOT NULL) "
-            "FROM stage").fetchone()
-        if extra is not None:
-            extra(cur, inserted)
-        cur.execute("UPDATE manifests SET status = 'loaded', loaded_at = now() WHERE manifest_id = %s",
-                    (manifest_id,))
+def claim_manifest(cur: psycopg.Cursor, manifest_id: str) -> bool:
+    """Lock the manifest's row for the caller's transaction; False if it is loaded already (or
+    unknown). A second loader of the same manifest waits here, then sees 'loaded'."""
+    status = cur.execute("SELECT status FROM manifests WHERE manifest_id = %s FOR UPDATE",
+                         (manifest_id,)).fetchone()
+    return status is not None and status[0] != "loaded"
+
+
+def load_features(cur: psycopg.Cursor, features: pa.Table, run_id: int) -> tuple[LoadCounts, dict[str, int]]:
+    """The manifest's files into images, image_hashes, image_paths and ingest_errors, in the
+    caller's transaction; returns the counts and sha256 -> image_id of the images it added."""
+    _copy_stage(cur, features)
+    params = {"run_id": run_id, "hash_version": HASH_VERSION}
+    inserted = dict(cur.execute(_UPSERTS[0], params).fetchall())
+    for statement in _UPSERTS[1:]:
+        cur.execute(statement, params)
+    good, errors = cur.execute(
+        "SELECT count(*) FILTER (WHERE error IS NULL), count(*) FILTER (WHERE error IS NOT NULL) "
+        "FROM stage").fetchone()
     new = len(inserted)
-    return LoadCounts(files=good + errors, new_images=new, exact_copies=good - new, errors=errors)
+    return LoadCounts(files=good + errors, new_images=new, exact_copies=good - new, errors=errors), inserted
+
+
+def mark_loaded(cur: psycopg.Cursor, manifest_id: str) -> None:
+    """The commit point of a manifest: in the same transaction as everything it loaded."""
+    cur.execute("UPDATE manifests SET status = 'loaded', loaded_at = now() WHERE manifest_id = %s",
+                (manifest_id,))
 
 
 def _vector_rows(column: pa.Array) -> list[np.ndarray | None]:
@@ -131,7 +136,6 @@ def _vector_rows(column: pa.Array) -> list[np.ndarray | None]:
 
 def copy_embeddings(cur: psycopg.Cursor, embeddings: pa.Table, vector_type: str, run_id: int) -> None:
     """Vectors of the manifest's new images into image_embeddings; failures into ingest_errors."""
-    from lookalike.db import vector_to_db
 
     cur.execute(f"CREATE TEMP TABLE stage_emb (sha256 text, model_ver text, embedding {vector_type}, "
                 "error text, message text) ON COMMIT DROP")

@@ -19,19 +19,15 @@ from types import TracebackType
 from typing import Any
 
 import pandas as pd
-import psycopg
 from PIL import Image
 
-from lookalike import db, search
+from lookalike import db
 from lookalike.config import Config, load_config
+from lookalike.db.sql import ACTIVE_VER, FIRST_PATH, KEEP_ORDER, PATH_COUNT, hamming_sql
+from lookalike.db.vector_io import read_vectors
 from lookalike.layout import Layout
-from lookalike.vectors import read_vectors
+from lookalike.read import search
 
-# The active model_ver as a scalar subquery: every cluster query filters on it.
-ACTIVE_VER = "(SELECT value FROM catalog_meta WHERE key = 'active_model_ver')"
-# The lexically first path of an image (the one the pipeline describes it by), via the path index.
-FIRST_PATH = "(SELECT min(p.path) FROM image_paths p WHERE p.image_id = {0})"
-PATH_COUNT = "(SELECT count(*) FROM image_paths p WHERE p.image_id = {0})"
 # pandas dtypes of an empty result's columns, by PostgreSQL type name (others: object).
 _EMPTY_DTYPES = {"bool": "bool", "int2": "int64", "int4": "int64", "int8": "int64", "float4": "float64",
                  "float8": "float64", "timestamptz": "datetime64[ns, UTC]", "timestamp": "datetime64[ns]"}
@@ -50,7 +46,7 @@ class Catalog:
         self.cfg = cfg.with_home(home)
         self.layout = Layout(self.cfg.home)
         self._dsn = dsn or self.cfg.dsn
-        self.conn = _connect(self.cfg, dsn)
+        self.conn = db.connect(self.cfg, dsn, create=False)
         try:
             self.conn.execute("SET default_transaction_read_only = on")
             if self.conn.execute("SELECT to_regclass('catalog_meta')").fetchone()[0] is None:
@@ -160,13 +156,13 @@ class Catalog:
             f"""
 WITH m AS (
     SELECT g.group_id, g.image_id, i.width, i.height, i.format, i.bytes, i.sha256, i.thumb_path,
-           row_number() OVER (PARTITION BY g.group_id ORDER BY {search.KEEP_ORDER}) AS rank,
+           row_number() OVER (PARTITION BY g.group_id ORDER BY {KEEP_ORDER}) AS rank,
            count(*) OVER (PARTITION BY g.group_id) AS group_size
     FROM image_dup_group g JOIN images i USING (image_id)
 ), k AS (SELECT group_id, image_id FROM m WHERE rank = 1)
 SELECT m.group_id, m.group_size, m.rank, m.rank = 1 AS keep, m.image_id, m.width, m.height,
        m.width::bigint * m.height AS pixels, m.bytes, m.format,
-       {search.hamming_sql("hm.phash", "hk.phash")} AS phash_to_keep, d.method, d.distance,
+       {hamming_sql("hm.phash", "hk.phash")} AS phash_to_keep, d.method, d.distance,
        {FIRST_PATH.format('m.image_id')} AS path, {PATH_COUNT.format('m.image_id')} AS paths,
        m.sha256, m.thumb_path
 FROM m JOIN k USING (group_id)
@@ -242,20 +238,6 @@ ORDER BY cluster_id, rank""", {"cid": cluster_id, "limit": limit})
     def similar(self, path_or_image: search.QueryInput = None, k: int = 10,
                 text: str | None = None) -> pd.DataFrame:
         """Exact copies, near-duplicates and semantic neighbours of a file, a PIL image or an
-        image_id (or images matching `text`, CLIP models only); see lookalike.search.similar."""
+        image_id (or images matching `text`, CLIP models only); see lookalike.read.search.similar."""
         return search.similar(self, path_or_image, k=k, text=text)
 
-
-def _connect(cfg: Config, dsn: str | None) -> psycopg.Connection:
-    """db.connect, except that an explicit DSN wins over the config and LOOKALIKE_DSN."""
-    if not dsn and not cfg.dsn and not (cfg.home / "pg").is_dir():
-        # db.connect would initialise an empty PostgreSQL there: a mistyped home must not.
-        raise db.CatalogUnavailable(f"no catalog in {cfg.home} (no pg/ folder): check --home / home=")
-    if not dsn:
-        return db.connect(cfg)
-    try:
-        return psycopg.connect(dsn, autocommit=True, connect_timeout=10)
-    except psycopg.OperationalError as e:
-        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        where = db.redact_dsn(dsn)
-        raise db.CatalogUnavailable(f"cannot reach the catalog at {where}: {first_line}") from None

@@ -33,8 +33,12 @@ import pyarrow.parquet as pq
 import simplejpeg
 from PIL import Image
 
-from lookalike.extract import ExtractSettings, extract_file
-from lookalike.models import ModelSpec, get_embedder, pixel_writer
+from lookalike.errors import IngestError, one_line
+from lookalike.models.preprocess import pixel_writer
+from lookalike.models.registry import ModelSpec
+from lookalike.models.runtime import get_embedder
+from lookalike.stages import schemas
+from lookalike.stages.extract import ExtractSettings, extract_file
 
 # Rows of a task's input read at a time, and so rows of output handed back to Spark at a time.
 TASK_INPUT_BATCH = 64
@@ -44,7 +48,6 @@ TASK_INPUT_BATCH = 64
 # and Parquet 1280 values to encode: 0.45 vs 0.09 ms of CPU per image (JVM + worker, measured on
 # 10,000 rows with a stub in place of the model).
 # embeddings_table turns the column back into list<float> when the stage's Parquet is read.
-EMBED_DDL = "sha256 string, model_ver string, vector binary, error string, message string"
 
 
 @dataclass(frozen=True)
@@ -134,7 +137,7 @@ def embed_task_inputs(tasks: Iterator[pd.DataFrame], folder: str, settings: Embe
 def embed_batches(batches: Iterator[pd.DataFrame], settings: EmbedSettings,
                   extract: ExtractSettings) -> Iterator[pd.DataFrame]:
     """mapInPandas body: rows (sha256, thumb, path) in, (sha256, model_ver, vector, error, message)
-    out, the vector as the bytes of a float32 array (EMBED_DDL)."""
+    out, the vector as the bytes of a float32 array (schemas.EMBEDDINGS)."""
     embedder = get_embedder(settings.spec, backend=settings.backend, cache_dir=settings.models_dir,
                             threads=settings.threads or task_cpus(), batch_size=settings.batch_size)
     model_ver = settings.spec.model_ver
@@ -152,13 +155,13 @@ def embed_batches(batches: Iterator[pd.DataFrame], settings: EmbedSettings,
                 try:
                     image = read_thumbnail(sha, thumb, path, extract)
                 except OSError as e:
-                    rows.append((sha, model_ver, None, "embed", " ".join(str(e).split())[:300]))
+                    rows.append((sha, model_ver, None, IngestError.EMBED.value, one_line(e)))
                     continue
                 write_pixels(image, buffer[len(ok)])
                 ok.append(sha)
             vectors = embedder.embed_pixels(buffer[: len(ok)])
             rows += [(sha, model_ver, v.tobytes(), None, None) for sha, v in zip(ok, vectors, strict=True)]
-        yield pd.DataFrame(rows, columns=["sha256", "model_ver", "vector", "error", "message"])
+        yield pd.DataFrame(rows, columns=schemas.EMBEDDINGS.names)
 
 
 def embeddings_table(stage: pa.Table) -> pa.Table:

@@ -10,7 +10,6 @@ the result into <body data-images-loaded / data-images-total>, and flags broken 
 from __future__ import annotations
 
 import html
-import os
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,8 +18,9 @@ from urllib.parse import quote
 import pandas as pd
 from PIL import Image
 
-from lookalike.catalog import Catalog
-from lookalike.search import human_bytes
+from lookalike.files import replacing
+from lookalike.read.catalog import Catalog
+from lookalike.read.text import human_bytes
 
 REPORT_THUMB = 240  # px, longest side: galleries show them at about 160 px
 REPORT_THUMB_QUALITY = 85
@@ -97,9 +97,8 @@ def write_report(cat: Catalog, out: str | Path, per_cluster: int = 24, max_group
         "</body></html>",
     ])
     index = out / "index.html"
-    tmp = out / f".index.html.{os.getpid()}.tmp"
-    tmp.write_text(document, encoding="utf-8")
-    tmp.replace(index)  # a reader never sees half a report
+    with replacing(index) as tmp:  # a reader never sees half a report
+        tmp.write_text(document, encoding="utf-8")
     return ReportSummary(index, len(clusters), min(len(group_ids), max_groups), n_exact,
                          len(errors), page.thumbnails, page.missing)
 
@@ -125,9 +124,8 @@ class _Page:
             with Image.open(source) as im:
                 small = im.convert("RGB")
             small.thumbnail((REPORT_THUMB, REPORT_THUMB), Image.Resampling.LANCZOS)
-            tmp = dest.with_name(f".{dest.name}.tmp")
-            small.save(tmp, "JPEG", quality=REPORT_THUMB_QUALITY)
-            tmp.replace(dest)
+            with replacing(dest) as tmp:
+                small.save(tmp, "JPEG", quality=REPORT_THUMB_QUALITY)
         self.thumbnails += 1
         return quote(f"thumbs/{thumb_path}")
 

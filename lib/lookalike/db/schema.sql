@@ -1,4 +1,4 @@
--- lookalike catalog, schema version 1. Applied idempotently by lookalike.catalog.
+-- lookalike catalog, schema version 1. Applied idempotently by lookalike.db.ensure_schema.
 -- {vector} is replaced by `vector` (pgvector) or `bytea` (float32 little-endian) at creation.
 
 CREATE TABLE IF NOT EXISTS catalog_meta (

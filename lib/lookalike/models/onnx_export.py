@@ -6,8 +6,6 @@ missing, so executors that find the file never load torch.
 
 from __future__ import annotations
 
-import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -15,7 +13,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
-from lookalike.models import l2_normalize
+from lookalike.files import replacing
+from lookalike.vectors import l2_normalize
 
 if TYPE_CHECKING:
     import torch
@@ -40,10 +39,7 @@ def export_image_model(module: torch.nn.Module, path: Path, pixels: np.ndarray, 
     import torch
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with replacing(path) as tmp:
         # Traced at batch 2 and checked at the full batch below, which proves the batch axis dynamic.
         example = torch.from_numpy(np.ascontiguousarray(pixels[:2], dtype=np.float32))
         fastpath = torch.backends.mha.get_fastpath_enabled()
@@ -72,11 +68,8 @@ def export_image_model(module: torch.nn.Module, path: Path, pixels: np.ndarray, 
             entry.key, entry.value = key, value
         onnx.checker.check_model(model)
         onnx.save(model, str(tmp))
-        tmp.chmod(0o644)  # mkstemp makes it private; executors may run as another user
-        os.replace(tmp, path)
-        return diff
-    finally:
-        tmp.unlink(missing_ok=True)
+        tmp.chmod(0o644)  # executors may run as another user
+    return diff
 
 
 def _run_onnx(path: Path, pixels: np.ndarray) -> np.ndarray:

@@ -1,0 +1,3 @@
+"""Similarity categories: algorithm (MiniBatchKMeans + FAISS merging, incremental joins) and store
+(clusters and memberships in the catalog).
+"""

@@ -1,0 +1,16 @@
+"""SQL fragments the catalog's readers and writers share, each written once."""
+
+from __future__ import annotations
+
+# The active model_ver as a scalar subquery: every cluster query filters on it.
+ACTIVE_VER = "(SELECT value FROM catalog_meta WHERE key = 'active_model_ver')"
+# The lexically first path of an image (the one the pipeline describes it by), via the path index.
+FIRST_PATH = "(SELECT min(p.path) FROM image_paths p WHERE p.image_id = {0})"
+PATH_COUNT = "(SELECT count(*) FROM image_paths p WHERE p.image_id = {0})"
+# Which of near-duplicate images to keep (or list first): the largest resolution, then the most bytes.
+KEEP_ORDER = "i.width::bigint * i.height DESC, i.bytes DESC, i.image_id"
+
+
+def hamming_sql(a: str, b: str) -> str:
+    """SQL for the Hamming distance of two BIGINT hashes: bit_count takes bit strings, not integers."""
+    return f"bit_count(({a} # {b})::bit(64))"

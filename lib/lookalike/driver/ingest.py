@@ -1,0 +1,263 @@
+"""One incremental run: scan, then each manifest through extract, embed and one commit step.
+
+A manifest is the unit of incrementality: it is registered as 'scanned' once its Parquet
+file is written, each stage's output is kept under the home until the manifest is
+'loaded', and a manifest left unfinished by a killed run is completed by the next run
+before anything new is scanned.
+
+The commit step is one transaction, in this order: load the files (db.load), their vectors,
+the near-duplicate pairs and groups (dedup.store), the categories (cluster.store), and mark
+the manifest loaded. Only after it commits do the new images enter the on-disk indexes.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import psycopg
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from lookalike import db
+from lookalike.cluster.algorithm import ClusterConfig
+from lookalike.cluster.store import ClusterCounts, assign_new
+from lookalike.config import Config
+from lookalike.db import load, runs
+from lookalike.dedup.indexes import DedupIndexes
+from lookalike.dedup.pairs import DedupCounts, NearDupConfig, NewImages
+from lookalike.dedup.store import dedup
+from lookalike.driver.stages import SparkStages
+from lookalike.errors import RETRIED
+from lookalike.files import replacing
+from lookalike.layout import Layout
+from lookalike.models.registry import ModelSpec
+from lookalike.progress import say
+from lookalike.stages import schemas
+from lookalike.stages.scan import ScanSettings, plan, rows_to_table
+
+
+@dataclass
+class RunSummary:
+    run_id: int = 0
+    manifests: int = 0
+    counts: load.LoadCounts = field(default_factory=load.LoadCounts)
+    clusters: ClusterCounts = field(default_factory=ClusterCounts)
+    dups: DedupCounts = field(default_factory=DedupCounts)
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, object]:
+        d = asdict(self)
+        d.update(d.pop("counts"))
+        d.update({f"clusters_{k}": v for k, v in d.pop("clusters").items()})
+        d.update({f"near_duplicate_{k}": v for k, v in d.pop("dups").items()})
+        return d
+
+    def describe(self) -> str:
+        c, k = self.counts, self.clusters
+        return (f"run {self.run_id}: {c.files} files in {self.manifests} manifests, "
+                f"{c.new_images} new images, {c.exact_copies} exact copies, {c.errors} errors; "
+                f"{self.dups.pairs} near-duplicate pairs; "
+                f"clusters: {k.joined} joined, {k.created} created, {k.pooled} waiting"
+                + (f", {k.refits} full re-clusterings" if k.refits else "")
+                + f" ({self.seconds:.1f} s)")
+
+
+def check_roots(roots: list[str]) -> list[str]:
+    """The roots as absolute paths; FileNotFoundError for one that is not a folder (before
+    anything starts: no Spark, no catalog, no row in runs)."""
+    resolved = [str(Path(r).resolve()) for r in roots]
+    for root in resolved:
+        if not Path(root).is_dir():
+            raise FileNotFoundError(f"image root is not a directory: {root}")
+    return resolved
+
+
+class Ingest:
+    """The driver of one run: the catalog connection, the Spark stages, the model, the indexes."""
+
+    def __init__(self, cfg: Config, conn: psycopg.Connection, vector_type: str) -> None:
+        self.cfg = cfg
+        self.conn = conn
+        self.vector_type = vector_type
+        self.layout = Layout(cfg.home)
+        self.stages = SparkStages(cfg, self.layout)
+        self._model: ModelSpec | None = None
+        self._indexes: DedupIndexes | None = None
+        self.clusters = ClusterCounts()
+        self.dups = DedupCounts()
+
+    @property
+    def model(self) -> ModelSpec:
+        if self._model is None:
+            self._model = runs.catalog_model(self.conn, self.cfg, pin=True)
+        return self._model
+
+    @property
+    def indexes(self) -> DedupIndexes:
+        if self._indexes is None:
+            spec = self.model
+            self._indexes = DedupIndexes.open(self.conn, self.layout.index, spec.model_ver, spec.dim,
+                                              self.vector_type)
+        return self._indexes
+
+    # -- scan ---------------------------------------------------------------------------
+    def _known_files(self, retry_errors: bool) -> pa.Table:
+        """(path, bytes, mtime) already catalogued, plus recorded errors unless retrying them."""
+        sql = "SELECT path, bytes, mtime FROM image_paths"
+        if not retry_errors:
+            retried = ", ".join(f"'{code}'" for code in sorted(RETRIED))
+            sql += (" UNION ALL SELECT path, bytes, mtime FROM ingest_errors "
+                    f"WHERE bytes IS NOT NULL AND error NOT IN ({retried})")
+        paths, sizes, mtimes = [], [], []
+        # COPY streams rows without building the whole result set on either side.
+        with self.conn.cursor() as cur, cur.copy(f"COPY ({sql}) TO STDOUT (FORMAT BINARY)") as copy:
+            copy.set_types(["text", "int8", "timestamptz"])
+            for p, b, m in copy.rows():
+                paths.append(p)
+                sizes.append(b)
+                mtimes.append(m)
+        return pa.table({"path": pa.array(paths, pa.string()), "bytes": pa.array(sizes, pa.int64()),
+                         "mtime": pa.array(mtimes, pa.timestamp("us", tz="UTC"))})
+
+    def scan(self, roots: list[str], run_id: int, retry_errors: bool) -> list[str]:
+        """Enumerate new files into manifests registered as 'scanned'; returns their ids."""
+        started = time.monotonic()
+        settings = ScanSettings.create(roots, self.cfg["scan"]["extensions"])
+        subtrees, top_files = plan(settings, self.cfg["scan"]["split_dirs"])
+        found = rows_to_table(top_files)
+        if subtrees:
+            found = pa.concat_tables([found, self.stages.walk(settings, subtrees)])
+        # Links can make one path appear twice; the anti-join drops what is catalogued already.
+        firsts = [(c, "first") for c in found.column_names if c != "path"]
+        found = found.group_by("path", use_threads=False).aggregate(firsts)
+        found = found.rename_columns([c.removesuffix("_first") for c in found.column_names])
+        known = self._known_files(retry_errors)
+        table = found.join(known, ["path", "bytes", "mtime"], join_type="left anti")
+        table = table.select(schemas.MANIFEST.names).cast(schemas.MANIFEST).sort_by("path")
+        ids = self._write_manifests(table, run_id)
+        say(f"scan: {table.num_rows} new files in {len(ids)} manifests "
+            f"({time.monotonic() - started:.1f} s)")
+        return ids
+
+    def _write_manifests(self, table: pa.Table, run_id: int) -> list[str]:
+        size = self.cfg["scan"]["manifest_files"]
+        ids = []
+        self.layout.manifests.mkdir(parents=True, exist_ok=True)
+        for i in range(math.ceil(table.num_rows / size)):
+            part = table.slice(i * size, size)
+            manifest_id = f"r{run_id:06d}-{i:04d}"
+            with replacing(self.layout.manifest(manifest_id)) as tmp:
+                pq.write_table(part, tmp)
+            ids.append(manifest_id)
+            runs.register_manifest(self.conn, manifest_id, run_id, part.num_rows,
+                                   int(pc.sum(part["bytes"]).as_py() or 0))
+        return ids
+
+    # -- one manifest, start to end ---------------------------------------------------
+    def new_images(self, features: pa.Table, spec: ModelSpec) -> pa.Table:
+        """One row per decodable sha256 of the manifest that has no vector of `spec` yet."""
+        good = features.filter(pc.is_null(features["error"])).select(["sha256", "thumb", "path"])
+        good = good.group_by("sha256", use_threads=False).aggregate([("thumb", "first"), ("path", "min")])
+        good = good.rename_columns(["sha256", "thumb", "path"])
+        done = {r[0] for r in self.conn.execute(
+            "SELECT i.sha256 FROM images i JOIN image_embeddings e USING (image_id) "
+            "WHERE e.model_ver = %s AND i.sha256 = ANY(%s)",
+            (spec.model_ver, good["sha256"].to_pylist()))}
+        return good.filter(pc.invert(pc.is_in(good["sha256"], pa.array(sorted(done), pa.string()))))
+
+    def process(self, manifest_id: str, run_id: int) -> load.LoadCounts:
+        features = self.stages.extract(manifest_id)
+        spec = self.model
+        embeddings = self.stages.embed(manifest_id, self.new_images(features, spec), spec)
+        indexes = self.indexes  # opened before the transaction: in step with committed rows only
+        started = time.monotonic()
+        with self.conn.transaction(), self.conn.cursor() as cur:
+            if not load.claim_manifest(cur, manifest_id):
+                return load.LoadCounts()
+            counts, inserted = load.load_features(cur, features, run_id)
+            load.copy_embeddings(cur, embeddings, self.vector_type, run_id)
+            new = new_images_for_dedup(features, embeddings, inserted, spec.dim)
+            dups = dedup(cur, indexes, new, NearDupConfig.from_config(self.cfg["neardup"]), spec.model_ver,
+                         self.vector_type)
+            ids, vecs = embedded_ids(cur, embeddings)
+            clusters = assign_new(cur, spec.model_ver, ids, vecs,
+                                  ClusterConfig.from_config(self.cfg["cluster"]), self.vector_type,
+                                  self.layout.scratch)
+            load.mark_loaded(cur, manifest_id)
+        indexes.commit(new)
+        # Loaded: the catalog holds it all (the embeddings stage alone is ~5 KB an image).
+        shutil.rmtree(self.layout.stages(manifest_id), ignore_errors=True)
+        self.clusters.add(clusters)
+        self.dups.add(dups)
+        say(f"load {manifest_id}: {counts.new_images} new images, {counts.exact_copies} exact copies, "
+            f"{counts.errors} errors ({time.monotonic() - started:.1f} s)")
+        return counts
+
+
+def run(cfg: Config, roots: list[str], retry_errors: bool = False, wait: bool = False) -> RunSummary:
+    """An incremental run over `roots`; resumes unfinished manifests first. With `wait`, waits for
+    a run already writing to the catalog instead of raising CatalogBusy."""
+    started = time.monotonic()
+    roots = check_roots(roots)
+    with db.writer(cfg, wait) as (conn, vector_type), runs.recorded_run(conn, "run", roots) as run_id:
+        summary = RunSummary(run_id=run_id)
+        ingest = Ingest(cfg, conn, vector_type)
+        resumed = runs.pending_manifests(conn)
+        if resumed:
+            say(f"resuming {len(resumed)} unfinished manifests")
+        for manifest_id in resumed:
+            summary.counts.add(ingest.process(manifest_id, run_id))
+        new_ids = ingest.scan(roots, run_id, retry_errors)
+        for manifest_id in new_ids:
+            summary.counts.add(ingest.process(manifest_id, run_id))
+        summary.manifests = len(resumed) + len(new_ids)
+        summary.clusters = ingest.clusters
+        summary.dups = ingest.dups
+        summary.seconds = time.monotonic() - started
+        with conn.transaction():
+            runs.finish_run(conn, run_id, summary.as_dict())
+        return summary
+
+
+def embedded_ids(cur: psycopg.Cursor, embeddings: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """(image_id, vector) of the successfully embedded rows, ordered by image_id."""
+    ok = embeddings.filter(pc.is_null(embeddings["error"]))
+    if ok.num_rows == 0:
+        return np.empty(0, np.int64), np.empty((0, 0), np.float32)
+    ids = dict(cur.execute("SELECT sha256, image_id FROM images WHERE sha256 = ANY(%s)",
+                           (ok["sha256"].to_pylist(),)).fetchall())
+    image_ids = np.asarray([ids[s] for s in ok["sha256"].to_pylist()], np.int64)
+    vectors = np.asarray(ok["vector"].to_pylist(), np.float32)
+    order = np.argsort(image_ids)
+    return image_ids[order], vectors[order]
+
+
+def new_images_for_dedup(features: pa.Table, embeddings: pa.Table, inserted: dict[str, int],
+                         dim: int) -> NewImages:
+    """The images this manifest added, with their hashes and (where embedded) vectors."""
+    good = features.filter(pc.is_null(features["error"])).to_pydict()
+    first: dict[str, int] = {}
+    for row, sha in enumerate(good["sha256"]):
+        if sha in inserted and sha not in first:
+            first[sha] = row
+    vectors = {sha: vec for sha, vec, err in zip(embeddings["sha256"].to_pylist(),
+                                                embeddings["vector"].to_pylist(),
+                                                embeddings["error"].to_pylist(), strict=True) if err is None}
+    shas = sorted(first, key=lambda s: inserted[s])
+    n = len(shas)
+    out = NewImages(ids=np.asarray([inserted[s] for s in shas], np.int64),
+                    phash=np.asarray([good["phash"][first[s]] for s in shas], np.int64),
+                    dihedral=np.asarray([good["phash_dihedral"][first[s]] for s in shas],
+                                        np.int64).reshape(n, 7),
+                    vectors=np.zeros((n, dim), np.float32), has_vector=np.zeros(n, bool))
+    for i, sha in enumerate(shas):
+        if sha in vectors:
+            out.vectors[i] = vectors[sha]
+            out.has_vector[i] = True
+    return out

@@ -1,0 +1,117 @@
+"""The executor-side stages (lookalike.stages) run on Spark, for one catalog home.
+
+Spark distributes paths and task numbers, never image bytes: tasks open the files themselves.
+Each stage writes Parquet under <home>/stages/<name>/ and is complete once Spark's _SUCCESS
+marker is there, so a stage that finished before a run was killed is not run again.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from PIL import Image
+
+from lookalike.config import Config
+from lookalike.layout import Layout, file_safe
+from lookalike.models.registry import ModelSpec
+from lookalike.models.runtime import ensure_export
+from lookalike.progress import stage
+from lookalike.stages import schemas
+from lookalike.stages.embed import (
+    EmbedSettings,
+    embed_task_inputs,
+    embed_tasks,
+    embeddings_table,
+    write_task_inputs,
+)
+from lookalike.stages.extract import ExtractSettings, extract_batches, prepare_thumbs_dir
+from lookalike.stages.scan import ScanSettings, walk
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
+
+def extract_tasks(files: int, total_bytes: int, task_bytes: int, cores: int) -> int:
+    """Spark tasks for extracting `files` originals: about task_bytes each, at least two a core
+    (so big and small files balance over the cores), never more than one a file."""
+    return max(1, min(files, max(math.ceil(total_bytes / task_bytes), 2 * cores)))
+
+
+class SparkStages:
+    """Scan, extract and embed on Spark; the session starts on first use."""
+
+    def __init__(self, cfg: Config, layout: Layout) -> None:
+        self.cfg = cfg
+        self.layout = layout
+        self._spark: SparkSession | None = None
+
+    @property
+    def spark(self) -> SparkSession:
+        if self._spark is None:
+            from lookalike.driver.spark import get_spark
+
+            self._spark = get_spark(self.cfg)
+        return self._spark
+
+    @property
+    def cores(self) -> int:
+        return self.spark.sparkContext.defaultParallelism
+
+    def walk(self, settings: ScanSettings, subtrees: list[str]) -> pa.Table:
+        """Every file under the subtrees, one task a subtree: a million files spread over executors."""
+        walked = self.spark.sparkContext.parallelize(subtrees, len(subtrees)).flatMap(
+            partial(walk, settings=settings))
+        df = self.spark.createDataFrame(walked, schema=schemas.spark_ddl(schemas.MANIFEST))
+        return df.toArrow().cast(schemas.MANIFEST)
+
+    def extract(self, manifest_id: str) -> pa.Table:
+        """The features of a manifest's files (and their thumbnails), made once."""
+        out = self.layout.stage(manifest_id, "features")
+        if not Layout.is_complete(out):
+            sizes = pq.read_table(self.layout.manifest(manifest_id), columns=["bytes"])["bytes"]
+            settings = ExtractSettings.from_config(self.cfg, self.layout.thumbs)
+            prepare_thumbs_dir(self.layout.thumbs)  # fail the run once, not every file
+            tasks = extract_tasks(len(sizes), pc.sum(sizes).as_py() or 0, self.cfg["extract"]["task_bytes"],
+                                  self.cores)
+            with stage(f"extract {manifest_id}", len(sizes), self.spark):
+                df = self.spark.read.parquet(str(self.layout.manifest(manifest_id))).repartition(tasks)
+                df.mapInPandas(partial(extract_batches, settings=settings),
+                               schema=schemas.spark_ddl(schemas.FEATURES)) \
+                    .write.mode("overwrite").parquet(str(out))
+        return pq.read_table(out)
+
+    def embed(self, name: str, rows: pa.Table, spec: ModelSpec) -> pa.Table:
+        """Embeddings of `rows` (sha256, thumb, path), kept under stages/<name>/embeddings-<model>."""
+        out = self.layout.stage(name, "embeddings-" + file_safe(spec.model_ver))
+        if not Layout.is_complete(out):
+            settings = self._embed_settings(spec)
+            extract = ExtractSettings.from_config(self.cfg, self.layout.thumbs)
+            tasks = embed_tasks(rows.num_rows, self.cores, settings.batch_size)
+            with stage(f"embed {name}", rows.num_rows, self.spark):
+                inputs = self.layout.stage(name, "embed-input")
+                write_task_inputs(rows.select(["sha256", "thumb", "path"]), inputs, tasks)
+                # One task number a partition; spark.range needs no Python worker of its own.
+                self.spark.range(tasks, numPartitions=tasks).mapInPandas(
+                    partial(embed_task_inputs, folder=str(inputs), settings=settings, extract=extract),
+                    schema=schemas.spark_ddl(schemas.EMBEDDINGS)).write.mode("overwrite") \
+                    .option("parquet.enable.dictionary", "false").parquet(str(out))  # all values distinct
+        return embeddings_table(pq.read_table(out))
+
+    def _embed_settings(self, spec: ModelSpec) -> EmbedSettings:
+        e = self.cfg["embed"]
+        # The ONNX export happens once, here on the driver and verified on real thumbnails,
+        # before any executor needs the file.
+        ensure_export(spec, e["backend"], self.layout.models, e["batch_size"],
+                         lambda: [_rgb(p) for p in sorted(self.layout.thumbs.rglob("*.jpg"))[:8]])
+        return EmbedSettings(spec, e["backend"], str(self.layout.models), e["batch_size"])
+
+
+def _rgb(path: Path) -> Image.Image:
+    with Image.open(path) as im:
+        return im.convert("RGB")

@@ -1,0 +1,57 @@
+"""The columns each stage writes, said once: Arrow schemas, and the Spark and PostgreSQL types
+derived from them where a stage's rows cross into Spark or into the catalog."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+# scan -> a manifest: the new files, or why one is bad without opening it.
+MANIFEST = pa.schema([
+    ("path", pa.string()),
+    ("bytes", pa.int64()),
+    ("mtime", pa.timestamp("us", tz="UTC")),
+    ("error", pa.string()),
+    ("message", pa.string()),
+])
+
+# extract -> features: one row per file of the manifest.
+FEATURES = pa.schema([
+    ("path", pa.string()),
+    ("bytes", pa.int64()),
+    ("mtime", pa.timestamp("us", tz="UTC")),
+    ("sha256", pa.string()),
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+    ("format", pa.string()),
+    ("phash", pa.int64()),
+    ("dhash", pa.int64()),
+    ("ahash", pa.int64()),
+    ("phash_dihedral", pa.list_(pa.int64())),  # the pHash of the 7 flips/rotations
+    ("thumb", pa.string()),                    # relative to the thumbnail folder
+    ("error", pa.string()),
+    ("message", pa.string()),
+])
+
+# embed -> embeddings: the vector as the bytes of a float32 array (no per-element conversion).
+EMBEDDINGS = pa.schema([
+    ("sha256", pa.string()),
+    ("model_ver", pa.string()),
+    ("vector", pa.binary()),
+    ("error", pa.string()),
+    ("message", pa.string()),
+])
+
+_SPARK = {pa.string(): "string", pa.int64(): "long", pa.int32(): "int", pa.binary(): "binary",
+          pa.timestamp("us", tz="UTC"): "timestamp", pa.list_(pa.int64()): "array<long>"}
+_POSTGRES = {pa.string(): "text", pa.int64(): "int8", pa.int32(): "int4", pa.binary(): "bytea",
+             pa.timestamp("us", tz="UTC"): "timestamptz"}
+
+
+def spark_ddl(schema: pa.Schema) -> str:
+    """The schema as a Spark DDL string, for mapInPandas and createDataFrame."""
+    return ", ".join(f"{f.name} {_SPARK[f.type]}" for f in schema)
+
+
+def postgres_columns(schema: pa.Schema, names: list[str]) -> list[tuple[str, str]]:
+    """(name, PostgreSQL type) of some of the schema's columns, for a binary COPY."""
+    return [(n, _POSTGRES[schema.field(n).type]) for n in names]
