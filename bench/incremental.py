@@ -103,50 +103,56 @@ def attached(home: Path) -> Iterator[psycopg.Connection]:
         yield conn
 
 
+def _folder(k: int) -> datetime:
+    """A tree of year/month folders with 1,000 files each, like the archive's."""
+    return datetime(2015, 1, 1, tzinfo=UTC) + timedelta(days=31 * (k // 1000))
+
+
+def _synthetic_path(k: int) -> str:
+    return f"/archive/synthetic/{_folder(k):%Y/%m}/img{k:08d}.jpg"
+
+
 def grow(home: Path, size: int, rng: np.random.Generator) -> str:
     """Add synthetic images until the catalog holds `size`; returns what it then holds."""
     with attached(home) as conn:
         vector_type = db.ensure_schema(conn)
         seeds = conn.execute(
-            "SELECT i.image_id, i.width, i.height, i.format, i.bytes, i.run_id, h.hash_version "
-            "FROM images i JOIN image_hashes h USING (image_id) ORDER BY i.image_id").fetchall()
+            "SELECT i.id, i.width, i.height, i.format, i.bytes, i.run_id, h.hash_version "
+            "FROM images i JOIN image_hashes h ON h.image_id = i.id ORDER BY i.id").fetchall()
         n = size - len(seeds)
         if n <= 0:
             return f"{len(seeds)} images (the seed)"
         pick = rng.integers(0, len(seeds), n)
         model_ver = db.get_meta(conn, "active_model_ver")
         with conn.transaction(), conn.cursor() as cur:
-            (base,), = cur.execute("SELECT coalesce(max(image_id), 0) FROM images").fetchall()
+            (base,), = cur.execute("SELECT coalesce(max(id), 0) FROM images").fetchall()
             ids = np.arange(base + 1, base + 1 + n)
             shas = [os.urandom(32).hex() for _ in range(n)]
-            with cur.copy("COPY images (image_id, sha256, width, height, format, bytes, thumb_path, run_id) "
-                          "FROM STDIN (FORMAT BINARY)") as copy:
-                copy.set_types(["int8", "text", "int4", "int4", "text", "int8", "text", "int8"])
-                for image_id, sha, s in zip(ids.tolist(), shas, pick.tolist(), strict=True):
+            with cur.copy("COPY images (id, file_sha256, path_original, width, height, format, bytes, "
+                          "thumb_path, run_id) FROM STDIN (FORMAT BINARY)") as copy:
+                copy.set_types(["int8", "text", "text", "int4", "int4", "text", "int8", "text", "int8"])
+                for k, (image_id, sha, s) in enumerate(zip(ids.tolist(), shas, pick.tolist(), strict=True)):
                     _, w, h, fmt, nbytes, run_id, _ = seeds[s]
-                    copy.write_row((image_id, sha, w, h, fmt, nbytes, f"{sha[:2]}/{sha[2:4]}/{sha}_512.jpg",
-                                    run_id))
+                    copy.write_row((image_id, sha, _synthetic_path(k), w, h, fmt, nbytes,
+                                    f"{sha[:2]}/{sha[2:4]}/{sha}_512.jpg", run_id))
             hashes = rng.integers(np.iinfo(np.int64).min, np.iinfo(np.int64).max, (n, 3), dtype=np.int64)
-            with cur.copy("COPY image_hashes (image_id, phash, dhash, ahash, hash_version) "
+            with cur.copy("COPY image_hashes (image_id, phash64, dhash64, ahash64, hash_version) "
                           "FROM STDIN (FORMAT BINARY)") as copy:
                 copy.set_types(["int8", "int8", "int8", "int8", "text"])
                 for image_id, (p, d, a), s in zip(ids.tolist(), hashes.tolist(), pick.tolist(), strict=True):
                     copy.write_row((image_id, p, d, a, seeds[s][6]))
-            # A tree of year/month folders with 1,000 files each, like the archive's.
-            start = datetime(2015, 1, 1, tzinfo=UTC)
             with cur.copy("COPY image_paths (path, image_id, bytes, mtime) "
                           "FROM STDIN (FORMAT BINARY)") as copy:
                 copy.set_types(["text", "int8", "int8", "timestamptz"])
                 for k, (image_id, s) in enumerate(zip(ids.tolist(), pick.tolist(), strict=True)):
-                    folder = start + timedelta(days=31 * (k // 1000))
-                    copy.write_row((f"/archive/synthetic/{folder:%Y/%m}/img{k:08d}.jpg", image_id,
-                                    seeds[s][4], folder + timedelta(seconds=k)))
+                    copy.write_row((_synthetic_path(k), image_id, seeds[s][4],
+                                    _folder(k) + timedelta(seconds=k)))
             if model_ver is not None:
                 _grow_vectors(cur, model_ver, ids, pick, [r[0] for r in seeds], vector_type, rng)
                 # As if the clusters had been fitted at this size: batches must not trigger the
                 # full re-clustering a doubled catalog gets (categories.assign_new).
                 db.set_meta(conn, fit_size_key(model_ver), str(size))
-            cur.execute("SELECT setval(pg_get_serial_sequence('images', 'image_id'), %s)", (int(ids[-1]),))
+            cur.execute("SELECT setval(pg_get_serial_sequence('images', 'id'), %s)", (int(ids[-1]),))
         conn.execute("VACUUM ANALYZE")
         (images,), = conn.execute("SELECT count(*) FROM images").fetchall()
         (clusters,), = conn.execute("SELECT count(*) FROM clusters").fetchall()
@@ -157,7 +163,7 @@ def grow(home: Path, size: int, rng: np.random.Generator) -> str:
 def _grow_vectors(cur: psycopg.Cursor, model_ver: str, ids: np.ndarray, pick: np.ndarray,
                   seed_ids: list[int], vector_type: str, rng: np.random.Generator) -> None:
     """Each clone: its seed's vector plus noise of the same length, in its seed's cluster."""
-    vec_ids, vecs = read_vectors(cur, "SELECT image_id, embedding FROM image_embeddings WHERE model_ver = %s",
+    vec_ids, vecs = read_vectors(cur, "SELECT image_id, emb FROM image_embeddings WHERE model_ver = %s",
                                  (model_ver,), vector_type)
     if not len(vec_ids):
         return
@@ -169,7 +175,7 @@ def _grow_vectors(cur: psycopg.Cursor, model_ver: str, ids: np.ndarray, pick: np
     noise *= (np.linalg.norm(base, axis=1, keepdims=True) / np.linalg.norm(noise, axis=1, keepdims=True))
     clones = base + noise  # cosine to the seed about 1/sqrt(2)
     clones /= np.linalg.norm(clones, axis=1, keepdims=True)
-    with cur.copy("COPY image_embeddings (image_id, model_ver, embedding) "
+    with cur.copy("COPY image_embeddings (image_id, model_ver, emb) "
                   "FROM STDIN (FORMAT BINARY)") as copy:
         copy.set_types(["int8", "text", vector_type])
         for image_id, vec in zip(ids.tolist(), clones, strict=True):
@@ -183,7 +189,7 @@ def _grow_vectors(cur: psycopg.Cursor, model_ver: str, ids: np.ndarray, pick: np
             copy.write_row((image_id, model_ver, cluster_id, 0.7))
     cur.execute("UPDATE clusters c SET size = c.size + m.n FROM (SELECT cluster_id, count(*) AS n FROM "
                 "image_cluster WHERE model_ver = %s AND image_id > %s GROUP BY cluster_id) m "
-                "WHERE c.cluster_id = m.cluster_id", (model_ver, int(ids[0]) - 1))
+                "WHERE c.id = m.cluster_id", (model_ver, int(ids[0]) - 1))
 
 
 def main() -> None:

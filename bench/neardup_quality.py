@@ -53,7 +53,7 @@ def catalog(home: Path, root: Path) -> tuple[dict[str, int], set[tuple[int, int]
         baseline = {(a, b) for a, b in conn.execute(
             "SELECT a.image_id, b.image_id FROM image_hashes a "
             "JOIN image_hashes b ON a.image_id < b.image_id "
-            "WHERE bit_count((a.phash # b.phash)::bit(64)) <= 10")}
+            "WHERE bit_count((a.phash64 # b.phash64)::bit(64)) <= 10")}
     return paths, pairs, groups, baseline
 
 

@@ -428,7 +428,7 @@ def pg_fetch(n: int, dim: int, seed: int) -> None:
     timed against an embedded PostgreSQL catalog of n random vectors."""
     from lookalike import db
     from lookalike.config import load_config
-    from lookalike.dedup.store import stored_vectors
+    from lookalike.db.vector_io import stored_vectors
 
     rng = np.random.default_rng(seed)
     with tempfile.TemporaryDirectory(prefix="neardup_pg_") as home:
@@ -437,11 +437,11 @@ def pg_fetch(n: int, dim: int, seed: int) -> None:
         vt = db.ensure_schema(conn)
         t = time.time()
         with conn.transaction(), conn.cursor() as cur:
-            with cur.copy("COPY images (image_id, sha256, width, height, format, bytes, thumb_path) "
-                          "FROM STDIN") as copy:
+            with cur.copy("COPY images (id, file_sha256, path_original, width, height, format, bytes, "
+                          "thumb_path) FROM STDIN") as copy:
                 for i in range(1, n + 1):
-                    copy.write_row((i, f"{i:064x}", 1, 1, "JPEG", 1, "x"))
-            with cur.copy("COPY image_embeddings (image_id, model_ver, embedding) FROM STDIN "
+                    copy.write_row((i, f"{i:064x}", "x", 1, 1, "JPEG", 1, "x"))
+            with cur.copy("COPY image_embeddings (image_id, model_ver, emb) FROM STDIN "
                           "(FORMAT BINARY)") as copy:
                 copy.set_types(["int8", "text", vt])
                 for start in range(1, n + 1, CHUNK):

@@ -127,11 +127,33 @@ def _vector_sql(conn: psycopg.Connection, table: str, column: str) -> str:
     return f"{column}::real[]" if udt == "vector" else column
 
 
+@dataclass(frozen=True)
+class Names:
+    """The column names of one schema version: snapshots of v1 and v2 catalogs compare equal."""
+
+    id: str
+    sha: str
+    phash: str
+    dhash: str
+    ahash: str
+    emb: str
+
+
+V1_NAMES = Names("image_id", "sha256", "phash", "dhash", "ahash", "embedding")
+V2_NAMES = Names("id", "file_sha256", "phash64", "dhash64", "ahash64", "emb")
+
+
+def names(conn: psycopg.Connection) -> Names:
+    row = conn.execute("SELECT value FROM catalog_meta WHERE key = 'schema_version'").fetchone()
+    return V1_NAMES if row is None or int(row[0]) < 2 else V2_NAMES
+
+
 def violations(conn: psycopg.Connection) -> list[str]:
     """Contract checks that a content comparison cannot see (they involve ids)."""
+    n = names(conn)
     checks = {
         "an image without its hashes":
-            "SELECT count(*) FROM images i LEFT JOIN image_hashes h USING (image_id) "
+            f"SELECT count(*) FROM images i LEFT JOIN image_hashes h ON h.image_id = i.{n.id} "
             "WHERE h.image_id IS NULL",
         "a near-duplicate group whose group_id is not its smallest image_id":
             "SELECT count(*) FROM (SELECT group_id FROM image_dup_group GROUP BY group_id "
@@ -152,36 +174,38 @@ def violations(conn: psycopg.Connection) -> list[str]:
 def snapshot(target: str | Config) -> dict[str, Any]:
     """The catalog's content keyed by sha256 and path (see the module docstring)."""
     with catalog_uri(target) as uri, psycopg.connect(uri, autocommit=True) as conn:
+        n = names(conn)
         tables = {r[0] for r in conn.execute(
             "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema()")}
         snap: dict[str, Any] = {
             "images": {sha: rest for sha, *rest in conn.execute(
-                "SELECT i.sha256, i.width, i.height, i.format, i.bytes, i.thumb_path, h.phash, h.dhash, "
-                "h.ahash, h.hash_version FROM images i LEFT JOIN image_hashes h USING (image_id)")},
+                f"SELECT i.{n.sha}, i.width, i.height, i.format, i.bytes, i.thumb_path, h.{n.phash}, "
+                f"h.{n.dhash}, h.{n.ahash}, h.hash_version FROM images i "
+                f"LEFT JOIN image_hashes h ON h.image_id = i.{n.id}")},
             "paths": {path: rest for path, *rest in conn.execute(
-                "SELECT p.path, i.sha256, p.bytes, p.mtime FROM image_paths p "
-                "JOIN images i USING (image_id)")},
+                f"SELECT p.path, i.{n.sha}, p.bytes, p.mtime FROM image_paths p "
+                f"JOIN images i ON i.{n.id} = p.image_id")},
             "path_history": sorted(conn.execute(
-                "SELECT p.path, i.sha256, p.bytes, p.mtime FROM image_path_history p "
-                "JOIN images i USING (image_id)").fetchall()),
+                f"SELECT p.path, i.{n.sha}, p.bytes, p.mtime FROM image_path_history p "
+                f"JOIN images i ON i.{n.id} = p.image_id").fetchall()),
             "errors": dict(conn.execute("SELECT path, error FROM ingest_errors").fetchall()),
-            "embeddings": _vectors(conn, "SELECT i.sha256, e.model_ver, "
-                                   + _vector_sql(conn, "image_embeddings", "embedding")
-                                   + " FROM image_embeddings e JOIN images i USING (image_id)"),
+            "embeddings": _vectors(conn, f"SELECT i.{n.sha}, e.model_ver, "
+                                   + _vector_sql(conn, "image_embeddings", n.emb)
+                                   + f" FROM image_embeddings e JOIN images i ON i.{n.id} = e.image_id"),
             "near_duplicates": {
                 (min(a, b), max(a, b), method): Close((distance,), atol=1e-3)
                 for a, b, method, distance in conn.execute(
-                    "SELECT a.sha256, b.sha256, n.method, n.distance FROM near_duplicates n "
-                    "JOIN images a ON a.image_id = n.image_id JOIN images b ON b.image_id = n.other_id")},
+                    f"SELECT a.{n.sha}, b.{n.sha}, d.method, d.distance FROM near_duplicates d "
+                    f"JOIN images a ON a.{n.id} = d.image_id JOIN images b ON b.{n.id} = d.other_id")},
             "dup_groups": _partition(conn.execute(
-                "SELECT g.group_id, i.sha256 FROM image_dup_group g "
-                "JOIN images i USING (image_id)").fetchall()),
+                f"SELECT g.group_id, i.{n.sha} FROM image_dup_group g "
+                f"JOIN images i ON i.{n.id} = g.image_id").fetchall()),
             "violations": violations(conn),
         }
         clusters: dict[str, list] = defaultdict(list)
         for model_ver, cluster_id, sha in conn.execute(
-                "SELECT c.model_ver, c.cluster_id, i.sha256 FROM image_cluster c "
-                "JOIN images i USING (image_id)"):
+                f"SELECT c.model_ver, c.cluster_id, i.{n.sha} FROM image_cluster c "
+                f"JOIN images i ON i.{n.id} = c.image_id"):
             clusters[model_ver].append((cluster_id, sha))
         snap["clusters"] = {mv: _partition(rows) for mv, rows in clusters.items()}
         sizes: dict[str, list[int]] = defaultdict(list)
@@ -191,7 +215,8 @@ def snapshot(target: str | Config) -> dict[str, Any]:
         if "cluster_pool" in tables:
             pool: dict[str, set[str]] = defaultdict(set)
             for model_ver, sha in conn.execute(
-                    "SELECT p.model_ver, i.sha256 FROM cluster_pool p JOIN images i USING (image_id)"):
+                    f"SELECT p.model_ver, i.{n.sha} FROM cluster_pool p "
+                    f"JOIN images i ON i.{n.id} = p.image_id"):
                 pool[model_ver].add(sha)
             snap["cluster_pool"] = dict(pool)
         snap["meta"] = {k: v for k, v in conn.execute("SELECT key, value FROM catalog_meta")

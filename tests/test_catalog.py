@@ -85,14 +85,14 @@ def _add_retired_model(conn: psycopg.Connection) -> None:
     vector_type = db.get_meta(conn, "vector_type")
     if vector_type == "vector":
         db.register_vector(conn)
-    ids = [r[0] for r in conn.execute("SELECT image_id FROM images ORDER BY image_id LIMIT 3")]
+    ids = [r[0] for r in conn.execute("SELECT id FROM images ORDER BY id LIMIT 3")]
     with conn.transaction():
         # A different dimension too: any query that forgot the model_ver filter fails loudly.
         centroid = vector_to_db(np.array([1.0, 0.0, 0.0]), vector_type)
         cluster_id = conn.execute("INSERT INTO clusters (model_ver, centroid, size) VALUES (%s, %s, %s) "
-                                  "RETURNING cluster_id", (RETIRED, centroid, len(ids))).fetchone()[0]
+                                  "RETURNING id", (RETIRED, centroid, len(ids))).fetchone()[0]
         for image_id in ids:
-            conn.execute("INSERT INTO image_embeddings (image_id, model_ver, embedding) VALUES (%s, %s, %s)",
+            conn.execute("INSERT INTO image_embeddings (image_id, model_ver, emb) VALUES (%s, %s, %s)",
                          (image_id, RETIRED, centroid))
             conn.execute("INSERT INTO image_cluster (image_id, model_ver, cluster_id, sim_score) "
                          "VALUES (%s, %s, %s, 1.0)", (image_id, RETIRED, cluster_id))
@@ -102,7 +102,7 @@ def _add_near_duplicates(conn: psycopg.Connection, radius: int) -> None:
     """pHash pairs and their connected components, unless the dedup stage made them already."""
     if conn.execute("SELECT count(*) FROM near_duplicates").fetchone()[0]:
         return
-    distance = hamming_sql("a.phash", "b.phash")
+    distance = hamming_sql("a.phash64", "b.phash64")
     pairs = conn.execute(f"SELECT a.image_id, b.image_id, {distance} FROM image_hashes a "
                          f"JOIN image_hashes b ON a.image_id < b.image_id WHERE {distance} <= %s",
                          (radius,)).fetchall()
@@ -203,7 +203,7 @@ def test_clusters_are_the_active_models_only(cat: Catalog) -> None:
     assert active and active != RETIRED
     clusters = cat.clusters()
     assert not clusters.empty and set(clusters["model_ver"]) == {active}
-    (retired_id,), = cat.sql("SELECT cluster_id FROM clusters WHERE model_ver = %s", (RETIRED,)).values
+    (retired_id,), = cat.sql("SELECT id FROM clusters WHERE model_ver = %s", (RETIRED,)).values
     assert retired_id not in set(clusters["cluster_id"])
     members = cat.members()
     assert set(members["cluster_id"]) == set(clusters["cluster_id"])
@@ -245,8 +245,8 @@ def test_thumbnails_and_sql(cat: Catalog, home: Path) -> None:
     assert thumb.mode == "RGB" and max(thumb.size) == 512
     with pytest.raises(KeyError):
         cat.thumbnail_path(-1)
-    frame = cat.sql("SELECT image_id FROM images WHERE image_id = %s", (-1,))
-    assert frame.empty and list(frame.columns) == ["image_id"]
+    frame = cat.sql("SELECT id FROM images WHERE id = %s", (-1,))
+    assert frame.empty and list(frame.columns) == ["id"]
     assert isinstance(frame, pd.DataFrame)
 
 

@@ -80,7 +80,7 @@ def test_assignments_survive_reruns_and_new_images_join(cfg: Config, archive: Pa
     after = dict(query(cfg, "SELECT image_id, cluster_id FROM image_cluster"))
     assert all(after[i] == c for i, c in before.items()), "a settled image changed cluster"
     # Sizes count settled members only; pooled images hold provisional rows.
-    for cluster_id, size in query(cfg, "SELECT cluster_id, size FROM clusters"):
+    for cluster_id, size in query(cfg, "SELECT id, size FROM clusters"):
         (settled,), = query(cfg, "SELECT count(*) FROM image_cluster WHERE cluster_id = %s AND image_id "
                                  "NOT IN (SELECT image_id FROM cluster_pool)", cluster_id)
         assert settled <= size

@@ -298,8 +298,8 @@ def add_to_catalog(conn: psycopg.Connection, ids: range, rng: np.random.Generato
                     vectors=unit(rng.normal(size=(len(ids), dim))), has_vector=np.ones(len(ids), bool))
     with conn.transaction(), conn.cursor() as cur:
         for i, h, v in zip(new.ids.tolist(), new.phash.tolist(), new.vectors, strict=True):
-            cur.execute("INSERT INTO images (image_id, sha256, width, height, format, bytes, thumb_path) "
-                        "VALUES (%s, %s, 1, 1, 'JPEG', 1, 'x')", (i, f"{i:064x}"))
+            cur.execute("INSERT INTO images (id, file_sha256, path_original, width, height, format, bytes, "
+                        "thumb_path) VALUES (%s, %s, 'x', 1, 1, 'JPEG', 1, 'x')", (i, f"{i:064x}"))
             cur.execute("INSERT INTO image_hashes VALUES (%s, %s, 0, 0, 'v')", (i, h))
             cur.execute("INSERT INTO image_embeddings VALUES (%s, 'm', %s)",
                         (i, vector_to_db(v, vector_type)))

@@ -95,7 +95,7 @@ def test_external_postgresql_without_pgvector_holds_the_same_catalog(
         assert conn.execute("SELECT value FROM catalog_meta WHERE key = 'vector_type'"
                             ).fetchone() == ("bytea",)
         assert conn.execute("SELECT udt_name FROM information_schema.columns WHERE table_name = "
-                            "'image_embeddings' AND column_name = 'embedding'").fetchone() == ("bytea",)
+                            "'image_embeddings' AND column_name = 'emb'").fetchone() == ("bytea",)
 
     status = subprocess.run([str(CLI), "status", "--home", str(home)], capture_output=True, text=True,
                             env=run_env(tmp_path, LOOKALIKE_DSN=external_dsn), timeout=120)

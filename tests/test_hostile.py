@@ -246,9 +246,9 @@ def test_cli_run_catalogues_or_records_every_file(first_run: FirstRun,
     for path, (code, message) in recorded.items():
         check_bad(path, corpus.expect[path], code, message)
 
-    catalogued = query(cfg, "SELECT p.path, i.sha256, i.format, i.width, i.height, h.phash, h.dhash, "
-                            "h.ahash, i.thumb_path FROM image_paths p JOIN images i USING (image_id) "
-                            "JOIN image_hashes h USING (image_id)")
+    catalogued = query(cfg, "SELECT p.path, i.file_sha256, i.format, i.width, i.height, h.phash64, "
+                            "h.dhash64, h.ahash64, i.thumb_path FROM image_paths p "
+                            "JOIN images i ON i.id = p.image_id JOIN image_hashes h ON h.image_id = i.id")
     assert {r[0] for r in catalogued} == corpus.good
     assert new == len({r[1] for r in catalogued})
     for path, sha, fmt, width, height, phash, dhash, ahash, thumb in catalogued:
@@ -265,7 +265,7 @@ def test_cli_run_catalogues_or_records_every_file(first_run: FirstRun,
     assert_outside_untouched(corpus)  # before this test reads them below
     outside = outside_of(corpus.root)
     secrets = [hashlib.sha256(p.read_bytes()).hexdigest() for p in outside.rglob("*.jpg")]
-    assert query(cfg, "SELECT count(*) FROM images WHERE sha256 = ANY(%s)", secrets) == [(0,)]
+    assert query(cfg, "SELECT count(*) FROM images WHERE file_sha256 = ANY(%s)", secrets) == [(0,)]
     assert query(cfg, "SELECT count(*) FROM (SELECT path FROM image_paths UNION ALL SELECT path FROM "
                       "ingest_errors) t WHERE starts_with(path, %s)", str(outside)) == [(0,)]
 

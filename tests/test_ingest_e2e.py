@@ -32,8 +32,8 @@ def test_first_run_second_run_and_one_added_file(cfg: Config, ukbench_copy: Path
     (n_images,), = query(cfg, "SELECT count(*) FROM images")
     (n_paths,), = query(cfg, "SELECT count(*) FROM image_paths")
     assert (n_images, n_paths) == (DECODABLE - 2, DECODABLE)
-    shared = query(cfg, "SELECT i.sha256, array_agg(p.path ORDER BY p.path) FROM images i "
-                        "JOIN image_paths p USING (image_id) GROUP BY i.sha256 HAVING count(*) > 1")
+    shared = query(cfg, "SELECT i.file_sha256, array_agg(p.path ORDER BY p.path) FROM images i "
+                        "JOIN image_paths p ON p.image_id = i.id GROUP BY i.file_sha256 HAVING count(*) > 1")
     names = sorted(sorted(Path(p).name for p in paths) for _, paths in shared)
     assert names == [["ukbench00120.jpg"] * 2, ["ukbench09268.jpg"] * 2]
     errors = dict(query(cfg, "SELECT path, error FROM ingest_errors"))

@@ -157,7 +157,7 @@ def test_text_query_on_a_clip_model(home: Path, tmp_path: Path, capsys: pytest.C
     dsn = bytea_copy(home)  # its own database: the shared catalog keeps its model
     with psycopg.connect(dsn, autocommit=True) as conn:
         saved = {key: db.get_meta(conn, key) for key in ("active_model", "active_model_ver")}
-        ids = [r[0] for r in conn.execute("SELECT image_id FROM images ORDER BY image_id")]
+        ids = [r[0] for r in conn.execute("SELECT id FROM images ORDER BY id")]
         vectors = l2_normalize(np.random.default_rng(0).normal(size=(len(ids), spec.dim)))
         with conn.transaction():
             for image_id, vec in zip(ids, vectors, strict=True):

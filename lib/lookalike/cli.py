@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
 import signal
 import sys
@@ -13,7 +12,9 @@ import psycopg
 
 from lookalike import db
 from lookalike.config import Config, ConfigError, load_config
+from lookalike.db.migrations import CatalogTooNew
 from lookalike.errors import one_line
+from lookalike.read.text import FORMATS, format_rows
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,10 @@ def _common(p: argparse.ArgumentParser) -> None:
 def _wait(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wait", action="store_true",
                    help="when another run is writing to the catalog, wait for it instead of exiting")
+
+
+class QueryFailed(RuntimeError):
+    """The database refused an analyst's query; the message is its one-line error."""
 
 
 class Terminated(BaseException):
@@ -56,8 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="what the catalog holds and how the last runs ended")
     _common(p)
 
-    p = sub.add_parser("sql", help="run a query; CSV on stdout")
+    p = sub.add_parser("sql", help="run a read-only query; a table on a terminal, else CSV")
     p.add_argument("query")
+    p.add_argument("--format", choices=FORMATS, help="output format (default: table on a terminal, else csv)")
+    p.add_argument("--timeout", type=float, default=300, metavar="SECONDS",
+                   help="cancel the query after this long (default 300; 0: never)")
+    p.add_argument("--write", action="store_true",
+                   help="allow the query to change the catalog (it then waits for the writer lock)")
+    _wait(p)
     _common(p)
 
     p = sub.add_parser("similar", help="images like FILE (exact, near-duplicate, semantic) or like --text")
@@ -113,6 +124,7 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
             print(f"{label:>22}: {value}")
         model = db.get_meta(conn, "active_model")
         print(f"{'model':>22}: {model or '(none yet)'}")
+        print(f"{'schema version':>22}: {db.get_meta(conn, 'schema_version')}")
         runs = conn.execute("SELECT run_id, kind, status, started_at, finished_at, summary FROM runs "
                             "ORDER BY run_id DESC LIMIT 5").fetchall()
         if runs:
@@ -120,7 +132,10 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
         for run_id, kind, status, started, finished, summary in runs:
             took = f"{(finished - started).total_seconds():.1f} s" if finished else "-"
             extra = ""
-            if summary:
+            if summary and kind == "recluster":
+                extra = (f" {summary.get('model_ver')}: images={summary.get('images')} "
+                         f"embedded={summary.get('embedded')} clusters={summary.get('clusters')}")
+            elif summary:
                 extra = (f" files={summary.get('files')} new={summary.get('new_images')} "
                          f"copies={summary.get('exact_copies')} errors={summary.get('errors')}")
             print(f"  {run_id:>5} {kind:<9} {status:<11} {started:%Y-%m-%d %H:%M:%S} {took:>9}{extra}")
@@ -128,15 +143,40 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_sql(cfg: Config, args: argparse.Namespace) -> int:
-    conn = db.connect(cfg)
-    with conn:
-        db.ensure_schema(conn)
-        cur = conn.execute(args.query)
-        out = csv.writer(sys.stdout)
-        if cur.description:
-            out.writerow([c.name for c in cur.description])
-            for row in cur:
-                out.writerow(row)
+    """Analysts' SQL: a READ ONLY transaction with a statement timeout, unless --write, which takes
+    the writer lock like a run (a query cannot change the catalog behind a run's back)."""
+    timeout_ms = int(args.timeout * 1000)
+    if args.write:
+        with db.writer(cfg, args.wait) as (conn, _):
+            return _query(conn, args.query, timeout_ms, read_only=False, fmt=args.format)
+    with db.connect(cfg, create=False) as conn:
+        db.upgrade_schema(conn)
+        return _query(conn, args.query, timeout_ms, read_only=True, fmt=args.format)
+
+
+def _query(conn: psycopg.Connection, query: str, timeout_ms: int, read_only: bool, fmt: str | None) -> int:
+    try:
+        with conn.transaction():
+            if read_only:
+                conn.execute("SET TRANSACTION READ ONLY")
+            conn.execute(f"SET LOCAL statement_timeout = {max(0, timeout_ms)}")
+            cur = conn.execute(query)
+            header = [c.name for c in cur.description] if cur.description else None
+            rows = cur.fetchall() if header else []
+    except psycopg.errors.ReadOnlySqlTransaction as e:
+        raise QueryFailed(f"{one_line(e)} (`lookalike sql --write` may change the catalog)") from None
+    except psycopg.errors.QueryCanceled as e:
+        raise QueryFailed(f"{one_line(e)} (--timeout SECONDS allows longer queries)") from None
+    except (psycopg.errors.UndefinedFunction, psycopg.errors.UndefinedObject) as e:
+        if db.get_meta(conn, "vector_type") == "bytea":
+            raise QueryFailed(f"{one_line(e)}: nearest-neighbour SQL needs pgvector, and this catalog's "
+                              "server has none (its vectors are float32 bytea); `lookalike similar` "
+                              "searches them") from None
+        raise QueryFailed(one_line(e)) from None
+    except psycopg.Error as e:
+        raise QueryFailed(one_line(e)) from None
+    if header is not None:
+        sys.stdout.write(format_rows(header, rows, fmt or ("table" if sys.stdout.isatty() else "csv")))
     return 0
 
 
@@ -180,7 +220,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.home)
         return COMMANDS[args.command](cfg, args)
-    except (ConfigError, db.CatalogUnavailable, db.CatalogBusy, FileNotFoundError) as e:
+    except (ConfigError, db.CatalogUnavailable, db.CatalogBusy, FileNotFoundError, QueryFailed,
+            CatalogTooNew) as e:
         log.debug("details", exc_info=True)
         print(f"lookalike: {e}", file=sys.stderr)
         return 2

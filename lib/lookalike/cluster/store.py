@@ -50,9 +50,9 @@ def fit_size_key(model_ver: str) -> str:
 
 def _existing(cur: psycopg.Cursor, model_ver: str, vector_type: str) -> tuple[np.ndarray, np.ndarray,
                                                                                  np.ndarray]:
-    ids, centroids = read_vectors(cur, "SELECT cluster_id, centroid FROM clusters WHERE model_ver = %s "
-                                       "ORDER BY cluster_id", (model_ver,), vector_type)
-    sizes = dict(cur.execute("SELECT cluster_id, size FROM clusters WHERE model_ver = %s",
+    ids, centroids = read_vectors(cur, "SELECT id, centroid FROM clusters WHERE model_ver = %s "
+                                       "ORDER BY id", (model_ver,), vector_type)
+    sizes = dict(cur.execute("SELECT id, size FROM clusters WHERE model_ver = %s",
                              (model_ver,)).fetchall())
     return ids, centroids, np.asarray([sizes[i] for i in ids], np.int64)
 
@@ -62,7 +62,7 @@ def _insert_clusters(cur: psycopg.Cursor, model_ver: str, centroids: np.ndarray,
     ids = []
     for centroid, size in zip(centroids, sizes, strict=True):
         ids.append(cur.execute("INSERT INTO clusters (model_ver, centroid, size) VALUES (%s, %s, %s) "
-                               "RETURNING cluster_id",
+                               "RETURNING id",
                                (model_ver, vector_to_db(centroid, vector_type), int(size))).fetchone()[0])
     return np.asarray(ids, np.int64)
 
@@ -79,7 +79,8 @@ def _write_members(cur: psycopg.Cursor, model_ver: str, image_ids: np.ndarray, c
     cur.execute("INSERT INTO image_cluster (image_id, model_ver, cluster_id, sim_score) "
                 "SELECT image_id, %s, cluster_id, sim_score FROM stage_members "
                 "ON CONFLICT (image_id, model_ver) DO UPDATE SET cluster_id = EXCLUDED.cluster_id, "
-                "sim_score = EXCLUDED.sim_score", (model_ver,))
+                "sim_score = EXCLUDED.sim_score, joined_at = CASE WHEN image_cluster.cluster_id = "
+                "EXCLUDED.cluster_id THEN image_cluster.joined_at ELSE now() END", (model_ver,))
 
 
 def fit_and_write(cur: psycopg.Cursor, model_ver: str, ids: np.ndarray,
@@ -163,13 +164,13 @@ def assign_new(cur: psycopg.Cursor, model_ver: str, image_ids: np.ndarray, vecs:
             "clustering: clustering them all again")
         return refit(cur, model_ver, cfg, vector_type, scratch)
     pool_ids, pool_vecs = read_vectors(
-        cur, "SELECT p.image_id, e.embedding FROM cluster_pool p JOIN image_embeddings e "
+        cur, "SELECT p.image_id, e.emb FROM cluster_pool p JOIN image_embeddings e "
              "USING (image_id, model_ver) WHERE p.model_ver = %s ORDER BY p.image_id", (model_ver,),
         vector_type)
     pool_vecs = pool_vecs.reshape(-1, vecs.shape[1])
     res = assign_incremental(centroids, sizes, vecs, pool_vecs, cfg)
     for idx in res.changed.tolist():
-        cur.execute("UPDATE clusters SET centroid = %s, size = %s, updated_at = now() WHERE cluster_id = %s",
+        cur.execute("UPDATE clusters SET centroid = %s, size = %s, updated_at = now() WHERE id = %s",
                     (vector_to_db(res.centroids[idx], vector_type), int(res.sizes[idx]),
                      int(cluster_ids[idx])))
     new_ids = _insert_clusters(cur, model_ver, res.centroids[res.new], res.sizes[res.new], vector_type)

@@ -18,13 +18,13 @@ from pathlib import Path
 import psycopg
 
 from lookalike.config import Config
+from lookalike.db.migrations import SCHEMA_VERSION, catalog_version, migrate
 from lookalike.errors import one_line
 from lookalike.layout import Layout
 from lookalike.progress import say
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
 # Every writer (a run, a recluster) holds this session-level advisory lock.
 WRITER_LOCK_KEY = 0x6C6F6F6B  # "look"
 
@@ -123,6 +123,9 @@ def ensure_schema(conn: psycopg.Connection) -> str:
         if conn.execute("SELECT to_regclass('catalog_meta')").fetchone()[0]:
             row = conn.execute("SELECT value FROM catalog_meta WHERE key = 'vector_type'").fetchone()
         vector_type = row[0] if row else ("vector" if _has_pgvector(conn) else "bytea")
+        found = migrate(conn)  # before the DDL, which speaks the current names
+        if found is not None and found < SCHEMA_VERSION:
+            say(f"catalog: migrated from schema version {found} to {SCHEMA_VERSION}")
         ddl = resources.files("lookalike.db").joinpath("schema.sql").read_text()
         ddl = ddl.replace("{vector}", vector_type)
         with warnings.catch_warnings():
@@ -135,6 +138,17 @@ def ensure_schema(conn: psycopg.Connection) -> str:
     if vector_type == "vector":
         register_vector(conn)
     return vector_type
+
+
+def upgrade_schema(conn: psycopg.Connection) -> None:
+    """For a reader, which runs no DDL otherwise: migrate a catalog of an older schema version
+    (once, in one transaction, under the schema lock), so that its queries speak the current names."""
+    if (catalog_version(conn) or SCHEMA_VERSION) >= SCHEMA_VERSION:
+        return
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITER_LOCK_KEY + 1,))
+        found = migrate(conn)
+    say(f"catalog: migrated from schema version {found} to {SCHEMA_VERSION}")
 
 
 def register_vector(conn: psycopg.Connection) -> None:

@@ -26,17 +26,17 @@ _STAGE_COLUMNS = postgres_columns(schemas.FEATURES, [
 
 _UPSERTS = [
     """
--- One new image per new sha256: the lexically first path's row describes it.
-INSERT INTO images (sha256, width, height, format, bytes, thumb_path, run_id)
-SELECT DISTINCT ON (sha256) sha256, width, height, format, bytes, thumb, %(run_id)s
+-- One new image per new sha256: the lexically first path's row describes it (path_original).
+INSERT INTO images (file_sha256, path_original, width, height, format, bytes, thumb_path, run_id)
+SELECT DISTINCT ON (sha256) sha256, path, width, height, format, bytes, thumb, %(run_id)s
 FROM stage WHERE error IS NULL ORDER BY sha256, path
-ON CONFLICT (sha256) DO NOTHING
-RETURNING sha256, image_id
+ON CONFLICT (file_sha256) DO NOTHING
+RETURNING file_sha256, id
 """,
     """
-INSERT INTO image_hashes (image_id, phash, dhash, ahash, hash_version)
-SELECT DISTINCT ON (i.image_id) i.image_id, s.phash, s.dhash, s.ahash, %(hash_version)s
-FROM stage s JOIN images i USING (sha256) WHERE s.error IS NULL ORDER BY i.image_id, s.path
+INSERT INTO image_hashes (image_id, phash64, dhash64, ahash64, hash_version)
+SELECT DISTINCT ON (i.id) i.id, s.phash, s.dhash, s.ahash, %(hash_version)s
+FROM stage s JOIN images i ON i.file_sha256 = s.sha256 WHERE s.error IS NULL ORDER BY i.id, s.path
 ON CONFLICT (image_id) DO NOTHING
 """,
     """
@@ -44,15 +44,15 @@ ON CONFLICT (image_id) DO NOTHING
 INSERT INTO image_path_history (path, image_id, bytes, mtime)
 SELECT p.path, p.image_id, p.bytes, p.mtime
 FROM stage s JOIN image_paths p USING (path)
-LEFT JOIN images i ON i.sha256 = s.sha256
-WHERE s.error IS NOT NULL OR i.image_id IS DISTINCT FROM p.image_id
+LEFT JOIN images i ON i.file_sha256 = s.sha256
+WHERE s.error IS NOT NULL OR i.id IS DISTINCT FROM p.image_id
 """,
     """
 DELETE FROM image_paths p USING stage s WHERE p.path = s.path AND s.error IS NOT NULL
 """,
     """
 INSERT INTO image_paths (path, image_id, bytes, mtime)
-SELECT s.path, i.image_id, s.bytes, s.mtime FROM stage s JOIN images i USING (sha256)
+SELECT s.path, i.id, s.bytes, s.mtime FROM stage s JOIN images i ON i.file_sha256 = s.sha256
 WHERE s.error IS NULL
 ON CONFLICT (path) DO UPDATE SET image_id = EXCLUDED.image_id, bytes = EXCLUDED.bytes,
     mtime = EXCLUDED.mtime
@@ -137,7 +137,7 @@ def _vector_rows(column: pa.Array) -> list[np.ndarray | None]:
 def copy_embeddings(cur: psycopg.Cursor, embeddings: pa.Table, vector_type: str, run_id: int) -> None:
     """Vectors of the manifest's new images into image_embeddings; failures into ingest_errors."""
 
-    cur.execute(f"CREATE TEMP TABLE stage_emb (sha256 text, model_ver text, embedding {vector_type}, "
+    cur.execute(f"CREATE TEMP TABLE stage_emb (sha256 text, model_ver text, emb {vector_type}, "
                 "error text, message text) ON COMMIT DROP")
     with cur.copy("COPY stage_emb FROM STDIN (FORMAT BINARY)") as copy:
         copy.set_types(["text", "text", vector_type, "text", "text"])
@@ -150,12 +150,13 @@ def copy_embeddings(cur: psycopg.Cursor, embeddings: pa.Table, vector_type: str,
                     strict=True):
                 copy.write_row([sha, ver, None if vec is None else vector_to_db(vec, vector_type), error,
                                 message])
-    cur.execute("INSERT INTO image_embeddings (image_id, model_ver, embedding) "
-                "SELECT i.image_id, s.model_ver, s.embedding FROM stage_emb s JOIN images i USING (sha256) "
+    cur.execute("INSERT INTO image_embeddings (image_id, model_ver, emb) "
+                "SELECT i.id, s.model_ver, s.emb FROM stage_emb s JOIN images i ON i.file_sha256 = s.sha256 "
                 "WHERE s.error IS NULL ON CONFLICT DO NOTHING")
     # An image whose thumbnail and original are both gone cannot be embedded: say so.
     cur.execute("INSERT INTO ingest_errors (path, bytes, mtime, error, message, run_id) "
                 "SELECT p.path, p.bytes, p.mtime, s.error, s.message, %s FROM stage_emb s "
-                "JOIN images i USING (sha256) JOIN image_paths p USING (image_id) WHERE s.error IS NOT NULL "
+                "JOIN images i ON i.file_sha256 = s.sha256 JOIN image_paths p ON p.image_id = i.id "
+                "WHERE s.error IS NOT NULL "
                 "ON CONFLICT (path) DO UPDATE SET error = EXCLUDED.error, message = EXCLUDED.message, "
                 "run_id = EXCLUDED.run_id, at = now()", (run_id,))

@@ -1,4 +1,6 @@
--- lookalike catalog, schema version 1. Applied idempotently by lookalike.db.ensure_schema.
+-- lookalike catalog, schema version 2: the original design's tables and columns (DESIGN.md,
+-- "Catalog contract"), plus lookalike's own. Applied idempotently by lookalike.db.schema;
+-- a version 1 catalog is migrated first (lookalike/db/migrations.py).
 -- {vector} is replaced by `vector` (pgvector) or `bytea` (float32 little-endian) at creation.
 
 CREATE TABLE IF NOT EXISTS catalog_meta (
@@ -28,28 +30,30 @@ CREATE TABLE IF NOT EXISTS manifests (
     loaded_at   TIMESTAMPTZ
 );
 
--- One row per distinct content (sha256 is the identity).
+-- One row per distinct content (file_sha256 is the identity).
 CREATE TABLE IF NOT EXISTS images (
-    image_id      BIGSERIAL PRIMARY KEY,
-    sha256        TEXT NOT NULL UNIQUE,
+    id            BIGSERIAL PRIMARY KEY,
+    file_sha256   TEXT NOT NULL UNIQUE,
+    path_original TEXT NOT NULL,               -- the first path the bytes were found at (image_paths: all)
     width         INTEGER NOT NULL,
     height        INTEGER NOT NULL,
-    format        TEXT NOT NULL,
     bytes         BIGINT NOT NULL,
+    format        TEXT NOT NULL,
+    created_at    TIMESTAMPTZ NOT NULL DEFAULT now(),
     thumb_path    TEXT NOT NULL,               -- relative to the thumbnail folder
-    first_seen_at TIMESTAMPTZ NOT NULL DEFAULT now(),
     run_id        BIGINT REFERENCES runs
 );
+CREATE INDEX IF NOT EXISTS images_created_at ON images (created_at);
 
 -- 64-bit perceptual hashes stored as signed BIGINT (two's complement).
 CREATE TABLE IF NOT EXISTS image_hashes (
     image_id     BIGINT PRIMARY KEY REFERENCES images ON DELETE CASCADE,
-    phash        BIGINT NOT NULL,
-    dhash        BIGINT NOT NULL,
-    ahash        BIGINT NOT NULL,
+    phash64      BIGINT NOT NULL,
+    dhash64      BIGINT NOT NULL,
+    ahash64      BIGINT NOT NULL,
     hash_version TEXT NOT NULL
 );
-CREATE INDEX IF NOT EXISTS image_hashes_phash ON image_hashes (phash);
+CREATE INDEX IF NOT EXISTS image_hashes_phash ON image_hashes (phash64);
 
 CREATE TABLE IF NOT EXISTS image_paths (
     path          TEXT PRIMARY KEY,
@@ -79,18 +83,20 @@ CREATE TABLE IF NOT EXISTS ingest_errors (
     at      TIMESTAMPTZ NOT NULL DEFAULT now()
 );
 
+-- Every model's vectors (a recluster writes the new model's beside the old ones); the active
+-- model's are served by a pgvector index per model_ver (lookalike/db/vector_index.py).
 CREATE TABLE IF NOT EXISTS image_embeddings (
     image_id  BIGINT NOT NULL REFERENCES images ON DELETE CASCADE,
     model_ver TEXT NOT NULL,
-    embedding {vector} NOT NULL,
+    emb       {vector} NOT NULL,
     PRIMARY KEY (image_id, model_ver)
 );
 
 CREATE TABLE IF NOT EXISTS clusters (
-    cluster_id BIGSERIAL PRIMARY KEY,
+    id         BIGSERIAL PRIMARY KEY,
     model_ver  TEXT NOT NULL,
+    size       INTEGER NOT NULL DEFAULT 0,
     centroid   {vector} NOT NULL,
-    size       INTEGER NOT NULL,
     created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
     updated_at TIMESTAMPTZ NOT NULL DEFAULT now()
 );
@@ -98,9 +104,10 @@ CREATE INDEX IF NOT EXISTS clusters_model ON clusters (model_ver);
 
 CREATE TABLE IF NOT EXISTS image_cluster (
     image_id   BIGINT NOT NULL REFERENCES images ON DELETE CASCADE,
-    model_ver  TEXT NOT NULL,
     cluster_id BIGINT NOT NULL REFERENCES clusters ON DELETE CASCADE,
+    joined_at  TIMESTAMPTZ NOT NULL DEFAULT now(),  -- when it joined this cluster (a refit sets it anew)
     sim_score  REAL NOT NULL,                  -- cosine to the cluster centroid
+    model_ver  TEXT NOT NULL,
     PRIMARY KEY (image_id, model_ver)
 );
 CREATE INDEX IF NOT EXISTS image_cluster_cluster ON image_cluster (cluster_id);

@@ -57,7 +57,7 @@ def spilled_vectors(conn: psycopg.Connection, model_ver: str, vector_type: str,
                     scratch: Path) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Every image's vector of model_ver (ids, vectors), streamed into a memory-mapped file under
     `scratch` for the block, which reads it in chunks; the file (5 GB at 1M x 1280) goes after."""
-    dims = "vector_dims(embedding)" if vector_type == "vector" else "length(embedding) / 4"
+    dims = "vector_dims(emb)" if vector_type == "vector" else "length(emb) / 4"
     n, dim = conn.execute(f"SELECT count(*), max({dims}) FROM image_embeddings WHERE model_ver = %s",
                           (model_ver,)).fetchone()
     if not n:
@@ -68,7 +68,7 @@ def spilled_vectors(conn: psycopg.Connection, model_ver: str, vector_type: str,
     vectors = np.lib.format.open_memmap(spill, mode="w+", dtype=np.float32, shape=(n, int(dim)))
     ids = np.empty(n, np.int64)
     query = psycopg.ClientCursor(conn).mogrify(
-        "SELECT image_id, embedding FROM image_embeddings WHERE model_ver = %s ORDER BY image_id",
+        "SELECT image_id, emb FROM image_embeddings WHERE model_ver = %s ORDER BY image_id",
         (model_ver,))
     with conn.cursor() as cur, cur.copy(f"COPY ({query}) TO STDOUT (FORMAT BINARY)") as copy:
         copy.set_types(["int8", vector_type])
@@ -96,7 +96,7 @@ StoredVectors = Callable[[np.ndarray], dict[int, np.ndarray]]
 
 def vectors_by_id(cur: psycopg.Cursor, model_ver: str, vector_type: str,
                    ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    return read_vectors(cur, "SELECT image_id, embedding FROM image_embeddings "
+    return read_vectors(cur, "SELECT image_id, emb FROM image_embeddings "
                              "WHERE model_ver = %s AND image_id = ANY(%s)",
                         (model_ver, np.asarray(ids).tolist()), vector_type)
 

@@ -125,7 +125,7 @@ class DedupIndexes:
             return
         if save:
             say(f"dedup: indexing the catalog's {count} pHashes")
-        rows = conn.execute("SELECT image_id, phash FROM image_hashes ORDER BY image_id").fetchall()
+        rows = conn.execute("SELECT image_id, phash64 FROM image_hashes ORDER BY image_id").fetchall()
         self.hashes = HashIndex(np.asarray([r[0] for r in rows], np.int64),
                                 np.asarray([r[1] for r in rows], np.int64))
         if save:

@@ -28,7 +28,7 @@ from lookalike import db
 from lookalike.cluster.algorithm import ClusterConfig
 from lookalike.cluster.store import ClusterCounts, assign_new
 from lookalike.config import Config
-from lookalike.db import load, runs
+from lookalike.db import load, runs, vector_index
 from lookalike.dedup.indexes import DedupIndexes
 from lookalike.dedup.pairs import DedupCounts, NearDupConfig, NewImages
 from lookalike.dedup.store import dedup
@@ -99,6 +99,11 @@ class Ingest:
         return self._model
 
     @property
+    def pinned(self) -> bool:
+        """Whether this run resolved the model (it had images to embed or index)."""
+        return self._model is not None
+
+    @property
     def indexes(self) -> DedupIndexes:
         if self._indexes is None:
             spec = self.model
@@ -166,8 +171,8 @@ class Ingest:
         good = good.group_by("sha256", use_threads=False).aggregate([("thumb", "first"), ("path", "min")])
         good = good.rename_columns(["sha256", "thumb", "path"])
         done = {r[0] for r in self.conn.execute(
-            "SELECT i.sha256 FROM images i JOIN image_embeddings e USING (image_id) "
-            "WHERE e.model_ver = %s AND i.sha256 = ANY(%s)",
+            "SELECT i.file_sha256 FROM images i JOIN image_embeddings e ON e.image_id = i.id "
+            "WHERE e.model_ver = %s AND i.file_sha256 = ANY(%s)",
             (spec.model_ver, good["sha256"].to_pylist()))}
         return good.filter(pc.invert(pc.is_in(good["sha256"], pa.array(sorted(done), pa.string()))))
 
@@ -216,6 +221,8 @@ def run(cfg: Config, roots: list[str], retry_errors: bool = False, wait: bool = 
         new_ids = ingest.scan(roots, run_id, retry_errors)
         for manifest_id in new_ids:
             summary.counts.add(ingest.process(manifest_id, run_id))
+        if vector_type == "vector" and ingest.pinned:
+            vector_index.ensure_index(conn, ingest.model.model_ver, ingest.model.dim)
         summary.manifests = len(resumed) + len(new_ids)
         summary.clusters = ingest.clusters
         summary.dups = ingest.dups
@@ -230,7 +237,7 @@ def embedded_ids(cur: psycopg.Cursor, embeddings: pa.Table) -> tuple[np.ndarray,
     ok = embeddings.filter(pc.is_null(embeddings["error"]))
     if ok.num_rows == 0:
         return np.empty(0, np.int64), np.empty((0, 0), np.float32)
-    ids = dict(cur.execute("SELECT sha256, image_id FROM images WHERE sha256 = ANY(%s)",
+    ids = dict(cur.execute("SELECT file_sha256, id FROM images WHERE file_sha256 = ANY(%s)",
                            (ok["sha256"].to_pylist(),)).fetchall())
     image_ids = np.asarray([ids[s] for s in ok["sha256"].to_pylist()], np.int64)
     vectors = np.asarray(ok["vector"].to_pylist(), np.float32)

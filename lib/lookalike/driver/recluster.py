@@ -24,7 +24,7 @@ from lookalike import db
 from lookalike.cluster.algorithm import ClusterConfig
 from lookalike.cluster.store import cluster_all
 from lookalike.config import Config
-from lookalike.db import runs
+from lookalike.db import runs, vector_index
 from lookalike.db.load import copy_embeddings
 from lookalike.db.sql import FIRST_PATH
 from lookalike.driver.stages import SparkStages
@@ -81,11 +81,14 @@ def recluster(cfg: Config, model: str | None = None, wait: bool = False) -> Recl
                 summary = ReclusterSummary(name, spec.model_ver, images, embedded, counts.created,
                                            time.monotonic() - started)
                 runs.finish_run(cur, run_id, vars(summary))
+            if vector_type == "vector":
+                vector_index.ensure_index(conn, spec.model_ver, spec.dim)
+                vector_index.drop_other_indexes(conn, spec.model_ver)
         return summary
 
 
 _WITHOUT_VECTOR = ("FROM images i WHERE NOT EXISTS (SELECT 1 FROM image_embeddings e "
-                   "WHERE e.image_id = i.image_id AND e.model_ver = %s)")
+                   "WHERE e.image_id = i.id AND e.model_ver = %s)")
 
 
 def _count_to_embed(conn: psycopg.Connection, model_ver: str) -> int:
@@ -101,8 +104,8 @@ def _images_to_embed(conn: psycopg.Connection, model_ver: str, batch: int) -> It
     last = 0
     while True:
         rows = conn.execute(
-            f"SELECT i.image_id, i.sha256, i.thumb_path, {FIRST_PATH.format('i.image_id')} "
-            f"{_WITHOUT_VECTOR} AND i.image_id > %s ORDER BY i.image_id LIMIT %s",
+            f"SELECT i.id, i.file_sha256, i.thumb_path, {FIRST_PATH.format('i.id')} "
+            f"{_WITHOUT_VECTOR} AND i.id > %s ORDER BY i.id LIMIT %s",
             (model_ver, last, batch)).fetchall()
         if not rows:
             return

@@ -23,6 +23,7 @@ from PIL import Image
 
 from lookalike import db
 from lookalike.config import Config, load_config
+from lookalike.db import vector_index
 from lookalike.db.sql import ACTIVE_VER, FIRST_PATH, KEEP_ORDER, PATH_COUNT, hamming_sql
 from lookalike.db.vector_io import read_vectors
 from lookalike.layout import Layout
@@ -48,6 +49,7 @@ class Catalog:
         self._dsn = dsn or self.cfg.dsn
         self.conn = db.connect(self.cfg, dsn, create=False)
         try:
+            db.upgrade_schema(self.conn)  # an older catalog is migrated once, before going read-only
             self.conn.execute("SET default_transaction_read_only = on")
             if self.conn.execute("SELECT to_regclass('catalog_meta')").fetchone()[0] is None:
                 raise db.CatalogUnavailable(f"{self.where} holds no lookalike catalog yet: "
@@ -55,6 +57,7 @@ class Catalog:
             self.vector_type = db.get_meta(self.conn, "vector_type") or "bytea"
             if self.vector_type == "vector":
                 db.register_vector(self.conn)
+                self.conn.execute(f"SET hnsw.ef_search = {vector_index.EF_SEARCH}")
         except BaseException:
             self.conn.close()
             raise
@@ -109,19 +112,20 @@ class Catalog:
         return pd.DataFrame({i: pd.Series(dtype=d) for i, d in enumerate(dtypes)}).set_axis(columns, axis=1)
 
     def images(self) -> pd.DataFrame:
-        """One row per distinct content: size, format, bytes, how many paths and the first one."""
+        """One row per distinct content (images.id as image_id, as in every frame): size, format,
+        bytes, where it was first found, how many paths it has now and the first of them."""
         return self.sql(
-            "SELECT i.image_id, i.sha256, i.width, i.height, i.format, i.bytes, "
-            "coalesce(p.paths, 0) AS paths, p.path, i.thumb_path, i.first_seen_at, i.run_id "
+            "SELECT i.id AS image_id, i.file_sha256, i.path_original, i.width, i.height, i.format, i.bytes, "
+            "coalesce(p.paths, 0) AS paths, p.path, i.thumb_path, i.created_at, i.run_id "
             "FROM images i LEFT JOIN (SELECT image_id, count(*) AS paths, min(path) AS path "
-            "FROM image_paths GROUP BY image_id) p USING (image_id) ORDER BY i.image_id")
+            "FROM image_paths GROUP BY image_id) p ON p.image_id = i.id ORDER BY i.id")
 
     def paths(self) -> pd.DataFrame:
         """Every catalogued path; `copies` > 1 marks byte-identical files (same sha256)."""
         return self.sql(
-            "SELECT p.path, p.image_id, i.sha256, p.bytes, p.mtime, p.first_seen_at, "
+            "SELECT p.path, p.image_id, i.file_sha256, p.bytes, p.mtime, p.first_seen_at, "
             "count(*) OVER (PARTITION BY p.image_id) AS copies "
-            "FROM image_paths p JOIN images i USING (image_id) ORDER BY p.path")
+            "FROM image_paths p JOIN images i ON i.id = p.image_id ORDER BY p.path")
 
     def errors(self) -> pd.DataFrame:
         """Files that could not be catalogued, with their short code and one-line reason."""
@@ -155,16 +159,16 @@ class Catalog:
         return self.sql(
             f"""
 WITH m AS (
-    SELECT g.group_id, g.image_id, i.width, i.height, i.format, i.bytes, i.sha256, i.thumb_path,
+    SELECT g.group_id, g.image_id, i.width, i.height, i.format, i.bytes, i.file_sha256, i.thumb_path,
            row_number() OVER (PARTITION BY g.group_id ORDER BY {KEEP_ORDER}) AS rank,
            count(*) OVER (PARTITION BY g.group_id) AS group_size
-    FROM image_dup_group g JOIN images i USING (image_id)
+    FROM image_dup_group g JOIN images i ON i.id = g.image_id
 ), k AS (SELECT group_id, image_id FROM m WHERE rank = 1)
 SELECT m.group_id, m.group_size, m.rank, m.rank = 1 AS keep, m.image_id, m.width, m.height,
        m.width::bigint * m.height AS pixels, m.bytes, m.format,
-       {hamming_sql("hm.phash", "hk.phash")} AS phash_to_keep, d.method, d.distance,
+       {hamming_sql("hm.phash64", "hk.phash64")} AS phash_to_keep, d.method, d.distance,
        {FIRST_PATH.format('m.image_id')} AS path, {PATH_COUNT.format('m.image_id')} AS paths,
-       m.sha256, m.thumb_path
+       m.file_sha256, m.thumb_path
 FROM m JOIN k USING (group_id)
 LEFT JOIN image_hashes hm ON hm.image_id = m.image_id
 LEFT JOIN image_hashes hk ON hk.image_id = k.image_id
@@ -179,13 +183,13 @@ ORDER BY m.group_size DESC, m.group_id, m.rank""")
         (`pooled` of them wait for enough company to seed a cluster of their own)."""
         return self.sql(
             f"""
-SELECT c.cluster_id, c.model_ver, c.size, count(ic.image_id) AS images,
+SELECT c.id AS cluster_id, c.model_ver, c.size, count(ic.image_id) AS images,
        count(cp.image_id) AS pooled, avg(ic.sim_score)::float8 AS mean_sim, c.created_at, c.updated_at
 FROM clusters c
-LEFT JOIN image_cluster ic ON ic.cluster_id = c.cluster_id AND ic.model_ver = c.model_ver
+LEFT JOIN image_cluster ic ON ic.cluster_id = c.id AND ic.model_ver = c.model_ver
 LEFT JOIN cluster_pool cp ON cp.image_id = ic.image_id AND cp.model_ver = ic.model_ver
 WHERE c.model_ver = {ACTIVE_VER}
-GROUP BY c.cluster_id ORDER BY images DESC, c.cluster_id""")
+GROUP BY c.id ORDER BY images DESC, c.id""")
 
     def members(self, cluster_id: int | None = None, limit: int | None = None) -> pd.DataFrame:
         """Images of one cluster (or of every active cluster), closest to the centroid first.
@@ -195,17 +199,17 @@ GROUP BY c.cluster_id ORDER BY images DESC, c.cluster_id""")
         ranked = self.sql(
             f"""
 SELECT * FROM (
-    SELECT ic.cluster_id, ic.image_id, ic.sim_score,
+    SELECT ic.cluster_id, ic.image_id, ic.sim_score, ic.joined_at,
            row_number() OVER (PARTITION BY ic.cluster_id ORDER BY ic.sim_score DESC, ic.image_id) AS rank,
            cp.image_id IS NOT NULL AS pooled, i.width, i.height, i.format, i.bytes,
            {FIRST_PATH.format('ic.image_id')} AS path, i.thumb_path
-    FROM image_cluster ic JOIN images i USING (image_id)
+    FROM image_cluster ic JOIN images i ON i.id = ic.image_id
     LEFT JOIN cluster_pool cp ON cp.image_id = ic.image_id AND cp.model_ver = ic.model_ver
     WHERE ic.model_ver = {ACTIVE_VER} AND (%(cid)s::bigint IS NULL OR ic.cluster_id = %(cid)s)
 ) r WHERE %(limit)s::int IS NULL OR rank <= %(limit)s
 ORDER BY cluster_id, rank""", {"cid": cluster_id, "limit": limit})
         if cluster_id is not None and ranked.empty:
-            active = self.conn.execute(f"SELECT 1 FROM clusters WHERE cluster_id = %s AND model_ver = "
+            active = self.conn.execute(f"SELECT 1 FROM clusters WHERE id = %s AND model_ver = "
                                        f"{ACTIVE_VER}", (cluster_id,)).fetchone()
             if active is None:
                 raise KeyError(f"cluster {cluster_id} is not a cluster of the active model {self.model_ver}")
@@ -214,7 +218,7 @@ ORDER BY cluster_id, rank""", {"cid": cluster_id, "limit": limit})
     def embeddings(self) -> pd.DataFrame:
         """(image_id, cluster_id, embedding) of the active model; embedding holds float32 arrays."""
         with self.conn.cursor() as cur:
-            ids, vectors = read_vectors(cur, "SELECT image_id, embedding FROM image_embeddings "
+            ids, vectors = read_vectors(cur, "SELECT image_id, emb FROM image_embeddings "
                                         "WHERE model_ver = %s ORDER BY image_id", (self.model_ver,),
                                         self.vector_type)
         clusters = dict(self.conn.execute(f"SELECT image_id, cluster_id FROM image_cluster "
@@ -225,7 +229,7 @@ ORDER BY cluster_id, rank""", {"cid": cluster_id, "limit": limit})
     # -- thumbnails and search ----------------------------------------------------------
     def thumbnail_path(self, image_id: int) -> Path:
         """<home>/thumbs/<images.thumb_path> of an image (KeyError if there is no such image)."""
-        row = self.conn.execute("SELECT thumb_path FROM images WHERE image_id = %s", (image_id,)).fetchone()
+        row = self.conn.execute("SELECT thumb_path FROM images WHERE id = %s", (image_id,)).fetchone()
         if row is None:
             raise KeyError(f"no image {image_id} in the catalog")
         return self.layout.thumbs / row[0]

@@ -54,9 +54,9 @@ def write_report(cat: Catalog, out: str | Path, per_cluster: int = 24, max_group
     groups = cat.groups()
     group_ids = list(dict.fromkeys(groups["group_id"]))
     exact = cat.sql(
-        "SELECT i.image_id, i.width, i.height, i.format, i.bytes, i.thumb_path, "
-        "array_agg(p.path ORDER BY p.path) AS paths FROM images i JOIN image_paths p USING (image_id) "
-        "GROUP BY i.image_id HAVING count(*) > 1 ORDER BY count(*) DESC, i.image_id LIMIT %s", (max_groups,))
+        "SELECT i.id AS image_id, i.width, i.height, i.format, i.bytes, i.thumb_path, "
+        "array_agg(p.path ORDER BY p.path) AS paths FROM images i JOIN image_paths p ON p.image_id = i.id "
+        "GROUP BY i.id HAVING count(*) > 1 ORDER BY count(*) DESC, i.id LIMIT %s", (max_groups,))
     n_exact = int(cat.sql("SELECT count(*) AS n FROM (SELECT 1 FROM image_paths GROUP BY image_id "
                           "HAVING count(*) > 1) x")["n"].iloc[0])
     errors = cat.errors()

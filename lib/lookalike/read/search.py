@@ -31,7 +31,8 @@ import psycopg
 from PIL import Image
 
 from lookalike.config import Config
-from lookalike.db import runs
+from lookalike.db import runs, vector_index
+from lookalike.db.sql import FIRST_PATH
 from lookalike.db.vector_io import stored_vectors, vector_from_db, vector_to_db
 from lookalike.dedup.indexes import DedupIndexes
 from lookalike.dedup.pairs import NearDupConfig, NewImages, find_pairs
@@ -161,16 +162,16 @@ def _from_file(cat: CatalogReader, path: Path, tmp: Path, label: str) -> Query:
         raise QueryError(f"{label}: {row['message']}")
     with Image.open(Path(settings.thumbs_dir) / row["thumb"]) as im:
         thumb = im.convert("RGB")
-    found = cat.conn.execute("SELECT image_id FROM images WHERE sha256 = %s", (row["sha256"],)).fetchone()
+    found = cat.conn.execute("SELECT id FROM images WHERE file_sha256 = %s", (row["sha256"],)).fetchone()
     return Query(label, row["sha256"], row["phash"], row["phash_dihedral"], thumb, row["width"],
                  row["height"], row["format"], path.stat().st_size, found[0] if found else None)
 
 
 def _from_catalog(cat: CatalogReader, image_id: int) -> Query:
     row = cat.conn.execute(
-        "SELECT i.sha256, h.phash, h.hash_version, i.width, i.height, i.format, i.bytes, "
-        "(SELECT min(p.path) FROM image_paths p WHERE p.image_id = i.image_id) FROM images i "
-        "LEFT JOIN image_hashes h USING (image_id) WHERE i.image_id = %s", (image_id,)).fetchone()
+        f"SELECT i.file_sha256, h.phash64, h.hash_version, i.width, i.height, i.format, i.bytes, "
+        f"{FIRST_PATH.format('i.id')} FROM images i "
+        "LEFT JOIN image_hashes h ON h.image_id = i.id WHERE i.id = %s", (image_id,)).fetchone()
     if row is None:
         raise QueryError(f"no image {image_id} in the catalog")
     sha, phash, version, width, height, fmt, size, path = row
@@ -213,7 +214,7 @@ def embedder_for(cat: CatalogReader, spec: ModelSpec, sample: Image.Image | None
 
 def _query_vector(cat: CatalogReader, spec: ModelSpec, q: Query) -> np.ndarray:
     if q.image_id is not None:
-        row = cat.conn.execute("SELECT embedding FROM image_embeddings WHERE image_id = %s "
+        row = cat.conn.execute("SELECT emb FROM image_embeddings WHERE image_id = %s "
                                "AND model_ver = %s", (q.image_id, spec.model_ver)).fetchone()
         if row is not None:
             return vector_from_db(row[0])  # a catalogued image: its stored vector, no model to load
@@ -246,7 +247,7 @@ def _near_duplicates(cat: CatalogReader, q: Query, vector: np.ndarray | None, k:
     # pair's 1 - cosine is below 1 - min_cosine, so it ranks with pHash pairs of 0 bits).
     pairs["embedding"] = pairs["method"] == "embedding"
     pairs = pairs.sort_values(["distance", "embedding", "other_id"]).drop_duplicates("other_id").head(k)
-    hashes = dict(cat.conn.execute("SELECT image_id, phash FROM image_hashes WHERE image_id = ANY(%s)",
+    hashes = dict(cat.conn.execute("SELECT image_id, phash64 FROM image_hashes WHERE image_id = ANY(%s)",
                                    (pairs["other_id"].tolist(),)).fetchall())
     hits: list[Hit] = []
     for other, method, distance in pairs[["other_id", "method", "distance"]].itertuples(index=False):
@@ -286,11 +287,10 @@ def _transform(orient: list[int], other_phash: int | None) -> str | None:
 
 def _semantic(cat: CatalogReader, vector: np.ndarray, k: int, exclude: int | None) -> list[Hit]:
     vector = np.asarray(vector, np.float32)
-    if cat.vector_type == "vector":
-        rows = cat.conn.execute(
-            "SELECT image_id, (embedding <=> %s)::float8 AS distance FROM image_embeddings "
-            "WHERE model_ver = %s AND image_id IS DISTINCT FROM %s ORDER BY 2, 1 LIMIT %s",
-            (vector_to_db(vector, "vector"), cat.model_ver, exclude, k)).fetchall()
+    if cat.vector_type == "vector":  # the active model's pgvector index (db.vector_index)
+        rows = cat.conn.execute(vector_index.knn_sql(cat.model_ver or "", len(vector)), {
+            "vector": vector_to_db(vector, "vector"), "exclude": exclude, "k": k}).fetchall()
+        rows.sort(key=lambda r: (r[1], r[0]))  # ties in image_id order, as the bytea scan ranks them
     else:
         rows = _scan_bytea(cat, vector, k, exclude)
     return [("semantic", image_id, float(distance), "embedding", None) for image_id, distance in rows]
@@ -318,7 +318,7 @@ def _scan_bytea(cat: CatalogReader, vector: np.ndarray, k: int,
 
 def _embedding_batches(cat: CatalogReader, exclude: int | None) -> Iterator[tuple[list[int], list[bytes]]]:
     sql = psycopg.ClientCursor(cat.conn).mogrify(
-        "SELECT image_id, embedding FROM image_embeddings WHERE model_ver = %s "
+        "SELECT image_id, emb FROM image_embeddings WHERE model_ver = %s "
         "AND image_id IS DISTINCT FROM %s", (cat.model_ver, exclude))
     ids: list[int] = []
     blobs: list[bytes] = []
@@ -340,9 +340,9 @@ def _embedding_batches(cat: CatalogReader, exclude: int | None) -> Iterator[tupl
 def _results(cat: CatalogReader, hits: list[Hit], attrs: dict[str, object]) -> pd.DataFrame:
     ids = sorted({h[1] for h in hits})
     info = {row[0]: row[1:] for row in cat.conn.execute(
-        "SELECT i.image_id, i.width, i.height, i.format, i.bytes, "
-        "array(SELECT p.path FROM image_paths p WHERE p.image_id = i.image_id ORDER BY p.path), i.thumb_path "
-        "FROM images i WHERE i.image_id = ANY(%s)", (ids,)).fetchall()}
+        "SELECT i.id, i.width, i.height, i.format, i.bytes, "
+        "array(SELECT p.path FROM image_paths p WHERE p.image_id = i.id ORDER BY p.path), i.thumb_path "
+        "FROM images i WHERE i.id = ANY(%s)", (ids,)).fetchall()}
     rows = []
     for kind in ("exact", "near-duplicate", "semantic"):
         of_kind = [h for h in hits if h[0] == kind]

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import csv
+import io
+import json
+from decimal import Decimal
 from typing import Any
 
 import pandas as pd
@@ -89,3 +93,33 @@ def human_bytes(n: int | None) -> str:
             break
         size, unit = size / 1000, bigger
     return f"{size:.1f} {unit}"
+
+
+FORMATS = ("csv", "tsv", "json", "table")
+
+
+def format_rows(header: list[str], rows: list[tuple], fmt: str) -> str:
+    """Query results as text: CSV or TSV (LF line endings), JSON (a list of objects) or an aligned
+    table with a row count, as psql prints on a terminal."""
+    if fmt in ("csv", "tsv"):
+        out = io.StringIO()
+        writer = csv.writer(out, delimiter="," if fmt == "csv" else "\t", lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(rows)
+        return out.getvalue()
+    if fmt == "json":
+        return json.dumps([dict(zip(header, row, strict=True)) for row in rows], default=str, indent=1) + "\n"
+    cells = [["" if v is None else str(v) for v in row] for row in rows]
+    widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(header)]
+    numeric = [all(isinstance(row[i], int | float | Decimal) or row[i] is None for row in rows) and bool(rows)
+               for i in range(len(header))]
+
+    def line(values: list[str]) -> str:
+        return " | ".join(v.rjust(w) if num else v.ljust(w)
+                          for v, w, num in zip(values, widths, numeric, strict=True)).rstrip()
+
+    lines = [" | ".join(h.center(w) for h, w in zip(header, widths, strict=True)).rstrip(),
+             "-+-".join("-" * w for w in widths)]
+    lines += [line(r) for r in cells]
+    lines.append(f"({len(rows)} row{'' if len(rows) == 1 else 's'})")
+    return "\n".join(lines) + "\n"
