@@ -11,9 +11,11 @@ from collections.abc import Sequence
 import psycopg
 
 from lookalike import db
+from lookalike.cluster.names import display, name_by_analyst
 from lookalike.config import Config, ConfigError, load_config
 from lookalike.db.migrations import CatalogTooNew
 from lookalike.errors import one_line
+from lookalike.labels.hierarchy import UnknownWordError
 from lookalike.read.text import FORMATS, format_rows
 
 log = logging.getLogger(__name__)
@@ -77,6 +79,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", help="a text query instead of FILE (CLIP models only)")
     _common(p)
 
+    p = sub.add_parser("find", help="images whose labels fall under WORD (find dog: every breed), best first")
+    p.add_argument("word", metavar="WORD")
+    p.add_argument("-n", "--limit", type=int, default=100, help="at most this many (default 100; 0: all)")
+    p.add_argument("--format", choices=("paths", "csv"), default="paths",
+                   help="paths: one per line (default); csv: image_id, path, label, score, category")
+    _common(p)
+
+    p = sub.add_parser("label", help="name a category (an analyst's name is never replaced automatically)")
+    p.add_argument("cluster_id", type=int, metavar="CLUSTER_ID")
+    p.add_argument("name", metavar="NAME")
+    _wait(p)
+    _common(p)
+
     p = sub.add_parser("report", help="static HTML report: cluster galleries, near-duplicates, errors")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for index.html and its thumbnails")
     p.add_argument("--per-cluster", type=int, default=24, metavar="N",
@@ -124,6 +139,11 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
             print(f"{label:>22}: {value}")
         model = db.get_meta(conn, "active_model")
         print(f"{'model':>22}: {model or '(none yet)'}")
+        largest = conn.execute("SELECT id, name, size FROM clusters WHERE model_ver = (SELECT value FROM "
+                               "catalog_meta WHERE key = 'active_model_ver') ORDER BY size DESC, id LIMIT 8")
+        shown = [f"{display(name, cid)} ({size})" for cid, name, size in largest.fetchall()]
+        if shown:
+            print(f"{'largest categories':>22}: {', '.join(shown)}")
         print(f"{'schema version':>22}: {db.get_meta(conn, 'schema_version')}")
         runs = conn.execute("SELECT run_id, kind, status, started_at, finished_at, summary FROM runs "
                             "ORDER BY run_id DESC LIMIT 5").fetchall()
@@ -195,6 +215,33 @@ def cmd_similar(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_find(cfg: Config, args: argparse.Namespace) -> int:
+    from lookalike.read.catalog import Catalog
+
+    with Catalog(config=cfg) as cat:
+        try:
+            found = cat.find(args.word, limit=args.limit or None)
+        except UnknownWordError as e:
+            raise QueryFailed(str(e)) from None
+    if args.format == "csv":
+        sys.stdout.write(format_rows(["image_id", "path", "label", "score", "category"],
+                                     list(found[["image_id", "path", "label", "score", "category"]]
+                                          .itertuples(index=False)), "csv"))
+    else:
+        sys.stdout.writelines(f"{path}\n" for path in found["path"])
+    return 0
+
+
+def cmd_label(cfg: Config, args: argparse.Namespace) -> int:
+    with db.writer(cfg, args.wait) as (conn, _), conn.transaction(), conn.cursor() as cur:
+        try:
+            name_by_analyst(cur, args.cluster_id, args.name)
+        except (KeyError, ValueError) as e:
+            raise QueryFailed(str(e).strip("'\"")) from None
+    print(f"category {args.cluster_id} is now named {' '.join(args.name.split())!r}")
+    return 0
+
+
 def cmd_report(cfg: Config, args: argparse.Namespace) -> int:
     from lookalike.read.catalog import Catalog
     from lookalike.read.report import write_report
@@ -205,7 +252,7 @@ def cmd_report(cfg: Config, args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": cmd_run, "recluster": cmd_recluster, "status": cmd_status, "sql": cmd_sql,
-            "similar": cmd_similar, "report": cmd_report}
+            "similar": cmd_similar, "report": cmd_report, "find": cmd_find, "label": cmd_label}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

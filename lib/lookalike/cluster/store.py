@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import psycopg
 
 from lookalike import db
@@ -57,6 +58,24 @@ def _existing(cur: psycopg.Cursor, model_ver: str, vector_type: str) -> tuple[np
     return ids, centroids, np.asarray([sizes[i] for i in ids], np.int64)
 
 
+def _store_clusters(cur: psycopg.Cursor, model_ver: str, centroids: np.ndarray, sizes: np.ndarray,
+                    vector_type: str, keep: dict[int, int]) -> np.ndarray:
+    """The rows of a new clustering of model_ver; cluster `j` keeps the old id keep[j] where it
+    has one (updated in place, its members' rows and names stay), the others get new ids, and
+    the old clusters nobody kept go (with their membership rows). Returns the id of each."""
+    ids = np.zeros(len(centroids), np.int64)
+    for j, (centroid, size) in enumerate(zip(centroids, sizes, strict=True)):
+        if j in keep:
+            cur.execute("UPDATE clusters SET centroid = %s, size = %s, updated_at = now() WHERE id = %s",
+                        (vector_to_db(centroid, vector_type), int(size), keep[j]))
+            ids[j] = keep[j]
+    cur.execute("DELETE FROM clusters WHERE model_ver = %s AND id <> ALL(%s)",
+                (model_ver, sorted(keep.values())))
+    fresh = np.asarray([j for j in range(len(centroids)) if j not in keep], np.int64)
+    ids[fresh] = _insert_clusters(cur, model_ver, centroids[fresh], sizes[fresh], vector_type)
+    return ids
+
+
 def _insert_clusters(cur: psycopg.Cursor, model_ver: str, centroids: np.ndarray, sizes: np.ndarray,
                      vector_type: str) -> np.ndarray:
     ids = []
@@ -65,6 +84,22 @@ def _insert_clusters(cur: psycopg.Cursor, model_ver: str, centroids: np.ndarray,
                                "RETURNING id",
                                (model_ver, vector_to_db(centroid, vector_type), int(size))).fetchone()[0])
     return np.asarray(ids, np.int64)
+
+
+def inherited_ids(before: dict[int, int], image_ids: np.ndarray, labels: np.ndarray) -> dict[int, int]:
+    """New cluster -> the old cluster id it keeps: the old cluster that gave it most of its
+    members, when that is at least half of them; an old id goes to one new cluster only (the one
+    it gave the most), so a split keeps the id on its larger part and a merge on its main source."""
+    old = np.asarray([before.get(int(i), -1) for i in image_ids], np.int64)
+    has = old >= 0
+    if not has.any():
+        return {}
+    members = np.bincount(labels, minlength=int(labels.max()) + 1)
+    pairs = pd.DataFrame({"new": labels[has], "old": old[has]}).value_counts().rename("overlap").reset_index()
+    pairs = pairs[pairs["overlap"] * 2 >= members[pairs["new"].to_numpy()]]
+    pairs = pairs.sort_values(["overlap", "new"], ascending=[False, True])
+    pairs = pairs.drop_duplicates("new").drop_duplicates("old")
+    return {int(n): int(o) for n, o in zip(pairs["new"], pairs["old"], strict=True)}
 
 
 def _write_members(cur: psycopg.Cursor, model_ver: str, image_ids: np.ndarray, cluster_ids: np.ndarray,
@@ -85,35 +120,42 @@ def _write_members(cur: psycopg.Cursor, model_ver: str, image_ids: np.ndarray, c
 
 def fit_and_write(cur: psycopg.Cursor, model_ver: str, ids: np.ndarray,
                   batches: Callable[[], Iterable[np.ndarray]], n: int, cfg: ClusterConfig,
-                  vector_type: str) -> ClusterCounts:
-    """A full clustering of `n` vectors streamed by `batches` (in `ids` order) for model_ver."""
+                  vector_type: str, before: dict[int, int] | None = None) -> ClusterCounts:
+    """A full clustering of `n` vectors streamed by `batches` (in `ids` order) for model_ver, in
+    place of its clusters. With `before` (image_id -> cluster_id of the same model), categories
+    that persist keep their ids (inherited_ids)."""
     result = fit_clusters(batches, n, cfg)
-    cluster_ids = _insert_clusters(cur, model_ver, result.centroids, result.sizes, vector_type)
     labels, sims = [], []
     for batch in batches():
         lab, sim = assign(result.centroids, batch)
         labels.append(lab)
         sims.append(sim)
-    _write_members(cur, model_ver, ids, cluster_ids[np.concatenate(labels)], np.concatenate(sims))
+    label = np.concatenate(labels)
+    keep = inherited_ids(before, ids, label) if before else {}
+    cluster_ids = _store_clusters(cur, model_ver, result.centroids, result.sizes, vector_type, keep)
+    _write_members(cur, model_ver, ids, cluster_ids[label], np.concatenate(sims))
     cur.execute("DELETE FROM cluster_pool WHERE model_ver = %s", (model_ver,))
     db.set_meta(cur.connection, fit_size_key(model_ver), str(n))  # should_refit measures growth from here
-    return ClusterCounts(joined=0, created=len(cluster_ids))
+    return ClusterCounts(joined=0, created=len(cluster_ids) - len(keep))
 
 
 def cluster_all(cur: psycopg.Cursor, model_ver: str, cfg: ClusterConfig, vector_type: str, scratch: Path,
                 previous_ver: str | None = None) -> ClusterCounts:
     """Every vector of model_ver clustered anew, in place of its clusters (in `cur`'s transaction).
 
-    How the clusters of previous_ver (model_ver's own by default; the old model's after a model
-    change) map onto the new ones goes to cluster_transitions.
+    Within a model, categories that persist keep their ids. How the clusters of previous_ver
+    (model_ver's own by default; the old model's after a model change) map onto the new ones
+    goes to cluster_transitions.
     """
     previous_ver = previous_ver or model_ver
     before = assignment(cur, previous_ver)
     counts = ClusterCounts()
     with spilled_vectors(cur.connection, model_ver, vector_type, scratch) as (ids, vectors):
-        cur.execute("DELETE FROM clusters WHERE model_ver = %s", (model_ver,))  # cascades to image_cluster
         if len(ids):
-            counts = fit_and_write(cur, model_ver, ids, lambda: chunks(vectors), len(ids), cfg, vector_type)
+            counts = fit_and_write(cur, model_ver, ids, lambda: chunks(vectors), len(ids), cfg, vector_type,
+                                   before if previous_ver == model_ver else None)
+        else:
+            cur.execute("DELETE FROM clusters WHERE model_ver = %s", (model_ver,))
     record_transitions(cur, previous_ver, before, model_ver)
     return counts
 

@@ -177,15 +177,16 @@ def set_meta(conn: psycopg.Connection, key: str, value: str) -> None:
 
 
 @contextmanager
-def writer(cfg: Config, wait: bool = False) -> Iterator[tuple[psycopg.Connection, str]]:
+def writer(cfg: Config, wait: bool = False,
+           dsn: str | None = None) -> Iterator[tuple[psycopg.Connection, str]]:
     """A catalog connection for a run that writes, with the schema ensured: (conn, vector type).
 
     A second connection holds the catalog's single-writer lock for the block (an advisory lock
     is per session, and the first connection's transactions must not release it); CatalogBusy
     if another run has it, unless `wait`. Both connections are closed at the end.
     """
-    conn = connect(cfg)
-    lock_conn = connect(cfg)
+    conn = connect(cfg, dsn)
+    lock_conn = connect(cfg, dsn)
     try:
         vector_type = ensure_schema(conn)
         got = lock_conn.execute("SELECT pg_try_advisory_lock(%s)", (WRITER_LOCK_KEY,)).fetchone()[0]

@@ -15,6 +15,7 @@ import psycopg
 import pyarrow as pa
 
 from lookalike.db.vector_io import vector_to_db
+from lookalike.labels.hierarchy import load as load_hierarchy
 from lookalike.stages import schemas
 from lookalike.stages.hashing import HASH_VERSION
 from lookalike.stages.schemas import postgres_columns
@@ -153,6 +154,8 @@ def copy_embeddings(cur: psycopg.Cursor, embeddings: pa.Table, vector_type: str,
     cur.execute("INSERT INTO image_embeddings (image_id, model_ver, emb) "
                 "SELECT i.id, s.model_ver, s.emb FROM stage_emb s JOIN images i ON i.file_sha256 = s.sha256 "
                 "WHERE s.error IS NULL ON CONFLICT DO NOTHING")
+    if "labels" in embeddings.column_names:
+        _copy_labels(cur, embeddings)
     # An image whose thumbnail and original are both gone cannot be embedded: say so.
     cur.execute("INSERT INTO ingest_errors (path, bytes, mtime, error, message, run_id) "
                 "SELECT p.path, p.bytes, p.mtime, s.error, s.message, %s FROM stage_emb s "
@@ -160,3 +163,21 @@ def copy_embeddings(cur: psycopg.Cursor, embeddings: pa.Table, vector_type: str,
                 "WHERE s.error IS NOT NULL "
                 "ON CONFLICT (path) DO UPDATE SET error = EXCLUDED.error, message = EXCLUDED.message, "
                 "run_id = EXCLUDED.run_id, at = now()", (run_id,))
+
+
+def _copy_labels(cur: psycopg.Cursor, embeddings: pa.Table) -> None:
+    """Each embedded image's top-5 labels (the embed stage's labels, label_scores) into image_labels."""
+    names = load_hierarchy().names
+    cur.execute("CREATE TEMP TABLE stage_labels (sha256 text, model_ver text, rank int2, class_id int2, "
+                "score float4) ON COMMIT DROP")
+    with cur.copy("COPY stage_labels FROM STDIN (FORMAT BINARY)") as copy:
+        copy.set_types(["text", "text", "int2", "int2", "float4"])
+        columns = ("sha256", "model_ver", "labels", "label_scores")
+        rows = zip(*(embeddings.column(c).to_pylist() for c in columns), strict=True)
+        for sha, ver, classes, scores in rows:
+            for rank, (class_id, score) in enumerate(zip(classes or [], scores or [], strict=True), 1):
+                copy.write_row((sha, ver, rank, class_id, score))
+    cur.execute("INSERT INTO image_labels (image_id, model_ver, rank, label, score, class_id) "
+                "SELECT i.id, s.model_ver, s.rank, (%s::text[])[s.class_id + 1], s.score, s.class_id "
+                "FROM stage_labels s JOIN images i ON i.file_sha256 = s.sha256 ON CONFLICT DO NOTHING",
+                (list(names),))

@@ -4,7 +4,10 @@ Schema 1 (lookalike's first names) -> 2 (the original design's names, DESIGN.md 
 contract"): images.image_id/sha256/first_seen_at become id/file_sha256/created_at and gain
 path_original; image_hashes.phash/dhash/ahash become phash64/dhash64/ahash64;
 image_embeddings.embedding becomes emb; clusters.cluster_id becomes id; image_cluster gains
-joined_at. Foreign keys follow the renamed columns by themselves.
+joined_at; images gain the capture columns (taken_at, camera, lens, ...: null for images
+catalogued before them); clusters gain name, name_source and top_labels; cluster_transitions
+loses its primary key (a refit that keeps a category's id records the same pair again); the
+image_labels table is new. Foreign keys follow the renamed columns by themselves.
 """
 
 from __future__ import annotations
@@ -38,6 +41,13 @@ ALTER TABLE image_embeddings RENAME COLUMN embedding TO emb;
 ALTER TABLE clusters RENAME COLUMN cluster_id TO id;
 ALTER TABLE clusters ALTER COLUMN size SET DEFAULT 0;
 ALTER TABLE image_cluster ADD COLUMN joined_at TIMESTAMPTZ NOT NULL DEFAULT now();
+ALTER TABLE images ADD COLUMN taken_at TIMESTAMPTZ, ADD COLUMN taken_at_source TEXT,
+    ADD COLUMN taken_offset_min SMALLINT, ADD COLUMN camera_make TEXT, ADD COLUMN camera_model TEXT,
+    ADD COLUMN lens TEXT, ADD COLUMN orientation SMALLINT, ADD COLUMN gps_lat DOUBLE PRECISION,
+    ADD COLUMN gps_lon DOUBLE PRECISION, ADD COLUMN decode_path TEXT;
+CREATE INDEX IF NOT EXISTS images_taken_at ON images (taken_at);
+ALTER TABLE clusters ADD COLUMN name TEXT, ADD COLUMN name_source TEXT, ADD COLUMN top_labels JSONB;
+ALTER TABLE cluster_transitions DROP CONSTRAINT IF EXISTS cluster_transitions_pkey;
 """
 
 _STEPS = {1: _V1_TO_V2}

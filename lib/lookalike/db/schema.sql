@@ -41,9 +41,21 @@ CREATE TABLE IF NOT EXISTS images (
     format        TEXT NOT NULL,
     created_at    TIMESTAMPTZ NOT NULL DEFAULT now(),
     thumb_path    TEXT NOT NULL,               -- relative to the thumbnail folder
-    run_id        BIGINT REFERENCES runs
+    run_id        BIGINT REFERENCES runs,
+    -- When and with what the picture was taken (EXIF; null where the file says nothing).
+    taken_at         TIMESTAMPTZ,              -- EXIF DateTimeOriginal, else the file's mtime
+    taken_at_source  TEXT,                     -- exif | mtime
+    taken_offset_min SMALLINT,                 -- EXIF OffsetTimeOriginal in minutes (null: none given)
+    camera_make      TEXT,
+    camera_model     TEXT,
+    lens             TEXT,
+    orientation      SMALLINT,                 -- EXIF orientation 1-8 (already applied to width/height)
+    gps_lat          DOUBLE PRECISION,         -- only with [extract] keep_gps = true
+    gps_lon          DOUBLE PRECISION,
+    decode_path      TEXT                      -- decode | preview (a RAW's embedded JPEG) | demosaic
 );
 CREATE INDEX IF NOT EXISTS images_created_at ON images (created_at);
+CREATE INDEX IF NOT EXISTS images_taken_at ON images (taken_at);
 
 -- 64-bit perceptual hashes stored as signed BIGINT (two's complement).
 CREATE TABLE IF NOT EXISTS image_hashes (
@@ -98,9 +110,25 @@ CREATE TABLE IF NOT EXISTS clusters (
     size       INTEGER NOT NULL DEFAULT 0,
     centroid   {vector} NOT NULL,
     created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
-    updated_at TIMESTAMPTZ NOT NULL DEFAULT now()
+    updated_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    name        TEXT,                          -- what the category shows: its members' labels, or an analyst's
+    name_source TEXT,                          -- auto | analyst (an analyst's name is never replaced)
+    top_labels  JSONB                          -- its members' most frequent labels: [[label, share], ...]
 );
 CREATE INDEX IF NOT EXISTS clusters_model ON clusters (model_ver);
+
+-- Each image's 5 most likely ImageNet classes under a model (the classifier head of its forward
+-- pass; zero-shot over the same names for CLIP models).
+CREATE TABLE IF NOT EXISTS image_labels (
+    image_id  BIGINT NOT NULL REFERENCES images ON DELETE CASCADE,
+    model_ver TEXT NOT NULL,
+    rank      SMALLINT NOT NULL,               -- 1: the most likely
+    label     TEXT NOT NULL,                   -- the class's name
+    score     REAL NOT NULL,                   -- its probability
+    class_id  SMALLINT NOT NULL,               -- the class's index among the 1000 (lookalike.labels)
+    PRIMARY KEY (image_id, model_ver, rank)
+);
+CREATE INDEX IF NOT EXISTS image_labels_class ON image_labels (model_ver, class_id);
 
 CREATE TABLE IF NOT EXISTS image_cluster (
     image_id   BIGINT NOT NULL REFERENCES images ON DELETE CASCADE,
@@ -135,13 +163,14 @@ CREATE TABLE IF NOT EXISTS cluster_pool (
     PRIMARY KEY (image_id, model_ver)
 );
 
--- After a recluster: how many images of each old cluster went to each new one.
+-- After each full re-clustering: how many images of each old cluster went to each new one.
 CREATE TABLE IF NOT EXISTS cluster_transitions (
     old_model_ver  TEXT NOT NULL,
     old_cluster_id BIGINT NOT NULL,
     new_model_ver  TEXT NOT NULL,
     new_cluster_id BIGINT NOT NULL,
     overlap        INTEGER NOT NULL,
-    at             TIMESTAMPTZ NOT NULL DEFAULT now(),
-    PRIMARY KEY (old_cluster_id, new_cluster_id)
+    at             TIMESTAMPTZ NOT NULL DEFAULT now()
 );
+-- A refit within a model keeps the ids of categories that persist: the same pair may recur.
+CREATE INDEX IF NOT EXISTS cluster_transitions_new ON cluster_transitions (new_model_ver, new_cluster_id);

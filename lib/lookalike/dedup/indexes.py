@@ -94,12 +94,12 @@ class DedupIndexes:
         """The vector index for a search, nothing written: as the last run saved it, with a note
         when it lags behind the catalog (a run loading now, or killed before its save)."""
         vectors = cls._saved_vectors(cls.vector_folder(folder, model_ver), dim, create=False)
-        count = conn.execute("SELECT count(*) FROM image_embeddings WHERE model_ver = %s",
-                             (model_ver,)).fetchone()[0]
-        behind = count - len(vectors)
-        note = (f"the near-duplicate index lacks {behind} of the catalog's vectors (a run is loading, or "
-                "was killed; the next run brings it up to date)") if behind > 0 else None
-        return vectors, note
+        count, total = conn.execute("SELECT count(*), coalesce(sum(image_id), 0) FROM image_embeddings "
+                                    "WHERE model_ver = %s", (model_ver,)).fetchone()
+        if (len(vectors), int(vectors.ids.sum())) == (count, total):
+            return vectors, None
+        return vectors, (f"the near-duplicate index holds {len(vectors)} of the catalog's {count} vectors "
+                         "(a run is loading, or was killed: the next run brings it up to date)")
 
     @classmethod
     def open(cls, conn: psycopg.Connection, folder: Path, model_ver: str, dim: int,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import shutil
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -26,6 +27,7 @@ import pyarrow.parquet as pq
 
 from lookalike import db
 from lookalike.cluster.algorithm import ClusterConfig
+from lookalike.cluster.names import name_new_members
 from lookalike.cluster.store import ClusterCounts, assign_new
 from lookalike.config import Config
 from lookalike.db import load, runs, vector_index
@@ -49,6 +51,7 @@ class RunSummary:
     counts: load.LoadCounts = field(default_factory=load.LoadCounts)
     clusters: ClusterCounts = field(default_factory=ClusterCounts)
     dups: DedupCounts = field(default_factory=DedupCounts)
+    joined: dict[str, int] = field(default_factory=dict)  # new images per category name
     seconds: float = 0.0
 
     def as_dict(self) -> dict[str, object]:
@@ -60,8 +63,11 @@ class RunSummary:
 
     def describe(self) -> str:
         c, k = self.counts, self.clusters
+        top = sorted(self.joined.items(), key=lambda kv: (-kv[1], kv[0]))
+        where = "; " + ", ".join(f"{n} joined {name}" for name, n in top[:5]) if top else ""
+        more = f" and {len(top) - 5} more categories" if len(top) > 5 else ""
         return (f"run {self.run_id}: {c.files} files in {self.manifests} manifests, "
-                f"{c.new_images} new images, {c.exact_copies} exact copies, {c.errors} errors; "
+                f"{c.new_images} new images, {c.exact_copies} exact copies, {c.errors} errors{where}{more}; "
                 f"{self.dups.pairs} near-duplicate pairs; "
                 f"clusters: {k.joined} joined, {k.created} created, {k.pooled} waiting"
                 + (f", {k.refits} full re-clusterings" if k.refits else "")
@@ -91,6 +97,7 @@ class Ingest:
         self._indexes: DedupIndexes | None = None
         self.clusters = ClusterCounts()
         self.dups = DedupCounts()
+        self.joined: Counter[str] = Counter()
 
     @property
     def model(self) -> ModelSpec:
@@ -194,12 +201,14 @@ class Ingest:
             clusters = assign_new(cur, spec.model_ver, ids, vecs,
                                   ClusterConfig.from_config(self.cfg["cluster"]), self.vector_type,
                                   self.layout.scratch)
+            joined = name_new_members(cur, spec.model_ver, ids, everything=clusters.refits > 0)
             load.mark_loaded(cur, manifest_id)
         indexes.commit(new)
         # Loaded: the catalog holds it all (the embeddings stage alone is ~5 KB an image).
         shutil.rmtree(self.layout.stages(manifest_id), ignore_errors=True)
         self.clusters.add(clusters)
         self.dups.add(dups)
+        self.joined.update(joined)
         say(f"load {manifest_id}: {counts.new_images} new images, {counts.exact_copies} exact copies, "
             f"{counts.errors} errors ({time.monotonic() - started:.1f} s)")
         return counts
@@ -226,6 +235,7 @@ def run(cfg: Config, roots: list[str], retry_errors: bool = False, wait: bool = 
         summary.manifests = len(resumed) + len(new_ids)
         summary.clusters = ingest.clusters
         summary.dups = ingest.dups
+        summary.joined = dict(ingest.joined)
         summary.seconds = time.monotonic() - started
         with conn.transaction():
             runs.finish_run(conn, run_id, summary.as_dict())

@@ -22,6 +22,7 @@ import pyarrow as pa
 
 from lookalike import db
 from lookalike.cluster.algorithm import ClusterConfig
+from lookalike.cluster.names import carry_analyst_names, refresh_names
 from lookalike.cluster.store import cluster_all
 from lookalike.config import Config
 from lookalike.db import runs, vector_index
@@ -41,10 +42,14 @@ class ReclusterSummary:
     embedded: int
     clusters: int
     seconds: float
+    unplaced_names: list[str]  # analysts' category names no new category took (half its members)
 
     def describe(self) -> str:
+        unplaced = (f"; analysts' names to place again (`lookalike label`): {', '.join(self.unplaced_names)}"
+                    if self.unplaced_names else "")
         return (f"recluster: {self.images} images under {self.model} ({self.model_ver}), "
-                f"{self.embedded} embedded from thumbnails, {self.clusters} clusters ({self.seconds:.1f} s)")
+                f"{self.embedded} embedded from thumbnails, {self.clusters} clusters{unplaced} "
+                f"({self.seconds:.1f} s)")
 
 
 def recluster(cfg: Config, model: str | None = None, wait: bool = False) -> ReclusterSummary:
@@ -73,13 +78,18 @@ def recluster(cfg: Config, model: str | None = None, wait: bool = False) -> Recl
                 embedded += rows.num_rows
             with conn.transaction(), conn.cursor() as cur:
                 cur.execute("DELETE FROM cluster_transitions WHERE new_model_ver = %s", (spec.model_ver,))
-                counts = cluster_all(cur, spec.model_ver, ClusterConfig.from_config(cfg["cluster"]),
-                                     vector_type, layout.scratch, previous_ver=old_ver)
-                images = cur.execute("SELECT count(*) FROM image_embeddings WHERE model_ver = %s",
-                                     (spec.model_ver,)).fetchone()[0]
+                cluster_all(cur, spec.model_ver, ClusterConfig.from_config(cfg["cluster"]), vector_type,
+                            layout.scratch, previous_ver=old_ver)
+                refresh_names(cur, spec.model_ver)
+                unplaced = (carry_analyst_names(cur, old_ver, spec.model_ver)
+                            if old_ver and old_ver != spec.model_ver else [])
+                images, clusters = cur.execute(
+                    "SELECT (SELECT count(*) FROM image_embeddings WHERE model_ver = %(v)s), "
+                    "(SELECT count(*) FROM clusters WHERE model_ver = %(v)s)",
+                    {"v": spec.model_ver}).fetchone()
                 runs.set_active_model(conn, name, spec.model_ver)
-                summary = ReclusterSummary(name, spec.model_ver, images, embedded, counts.created,
-                                           time.monotonic() - started)
+                summary = ReclusterSummary(name, spec.model_ver, images, embedded, clusters,
+                                           time.monotonic() - started, unplaced)
                 runs.finish_run(cur, run_id, vars(summary))
             if vector_type == "vector":
                 vector_index.ensure_index(conn, spec.model_ver, spec.dim)

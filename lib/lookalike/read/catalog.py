@@ -22,10 +22,12 @@ import pandas as pd
 from PIL import Image
 
 from lookalike import db
+from lookalike.cluster.names import name_by_analyst
 from lookalike.config import Config, load_config
 from lookalike.db import vector_index
 from lookalike.db.sql import ACTIVE_VER, FIRST_PATH, KEEP_ORDER, PATH_COUNT, hamming_sql
 from lookalike.db.vector_io import read_vectors
+from lookalike.labels.hierarchy import classes_under
 from lookalike.layout import Layout
 from lookalike.read import search
 
@@ -120,6 +122,16 @@ class Catalog:
             "FROM images i LEFT JOIN (SELECT image_id, count(*) AS paths, min(path) AS path "
             "FROM image_paths GROUP BY image_id) p ON p.image_id = i.id ORDER BY i.id")
 
+    def timeline(self, unit: str = "month") -> pd.DataFrame:
+        """Images by when they were taken (EXIF capture time, else the file's mtime), per `unit`
+        (day, week, month or year): how many, and how many of those times come from EXIF."""
+        if unit not in ("day", "week", "month", "year"):
+            raise ValueError(f"unit must be day, week, month or year, not {unit!r}")
+        return self.sql(
+            "SELECT date_trunc(%(unit)s, taken_at) AS period, count(*) AS images, "
+            "count(*) FILTER (WHERE taken_at_source = 'exif') AS from_exif, sum(bytes)::bigint AS bytes "
+            "FROM images WHERE taken_at IS NOT NULL GROUP BY 1 ORDER BY 1", {"unit": unit})
+
     def paths(self) -> pd.DataFrame:
         """Every catalogued path; `copies` > 1 marks byte-identical files (same sha256)."""
         return self.sql(
@@ -183,7 +195,7 @@ ORDER BY m.group_size DESC, m.group_id, m.rank""")
         (`pooled` of them wait for enough company to seed a cluster of their own)."""
         return self.sql(
             f"""
-SELECT c.id AS cluster_id, c.model_ver, c.size, count(ic.image_id) AS images,
+SELECT c.id AS cluster_id, c.name, c.name_source, c.model_ver, c.size, count(ic.image_id) AS images,
        count(cp.image_id) AS pooled, avg(ic.sim_score)::float8 AS mean_sim, c.created_at, c.updated_at
 FROM clusters c
 LEFT JOIN image_cluster ic ON ic.cluster_id = c.id AND ic.model_ver = c.model_ver
@@ -225,6 +237,28 @@ ORDER BY cluster_id, rank""", {"cid": cluster_id, "limit": limit})
                                           f"WHERE model_ver = {ACTIVE_VER}").fetchall())
         return pd.DataFrame({"image_id": ids, "cluster_id": [clusters.get(int(i)) for i in ids],
                              "embedding": list(vectors)})
+
+    # -- labels and names -----------------------------------------------------------------
+    def find(self, word: str, limit: int | None = 100) -> pd.DataFrame:
+        """Images whose labels fall under `word` in the label hierarchy (`find dog` finds every
+        breed), best first: image_id, label, score, cluster_id, category, path. A word that names
+        nothing raises lookalike.labels.UnknownWordError, which suggests the closest names."""
+        classes = sorted(classes_under(word))
+        return self.sql(
+            f"""
+SELECT l.image_id, l.label, l.score, ic.cluster_id, c.name AS category,
+       {FIRST_PATH.format('l.image_id')} AS path
+FROM (SELECT DISTINCT ON (image_id) image_id, label, score FROM image_labels
+      WHERE model_ver = {ACTIVE_VER} AND class_id = ANY(%(classes)s) ORDER BY image_id, score DESC) l
+LEFT JOIN image_cluster ic ON ic.image_id = l.image_id AND ic.model_ver = {ACTIVE_VER}
+LEFT JOIN clusters c ON c.id = ic.cluster_id
+ORDER BY l.score DESC, l.image_id LIMIT %(limit)s""", {"classes": classes, "limit": limit})
+
+    def name_category(self, cluster_id: int, name: str) -> None:
+        """Give a category of the active model an analyst's name, which no automatic name replaces
+        and a recluster carries over (this one call writes, under the catalog's writer lock)."""
+        with db.writer(self.cfg, dsn=self._dsn) as (conn, _), conn.transaction(), conn.cursor() as cur:
+            name_by_analyst(cur, cluster_id, name)
 
     # -- thumbnails and search ----------------------------------------------------------
     def thumbnail_path(self, image_id: int) -> Path:

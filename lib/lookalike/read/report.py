@@ -18,6 +18,7 @@ from urllib.parse import quote
 import pandas as pd
 from PIL import Image
 
+from lookalike.cluster.names import display
 from lookalike.files import replacing
 from lookalike.read.catalog import Catalog
 from lookalike.read.text import human_bytes
@@ -44,8 +45,9 @@ class ReportSummary:
 
 
 def write_report(cat: Catalog, out: str | Path, per_cluster: int = 24, max_groups: int = 200,
-                 max_errors: int = 1000) -> ReportSummary:
-    """Write DIR/index.html and DIR/thumbs/; per_cluster/max_groups/max_errors bound its size."""
+                 max_errors: int = 1000, max_months: int = 24) -> ReportSummary:
+    """Write DIR/index.html and DIR/thumbs/; per_cluster/max_groups/max_errors/max_months bound its
+    size."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     page = _Page(cat, out)
@@ -60,6 +62,7 @@ def write_report(cat: Catalog, out: str | Path, per_cluster: int = 24, max_group
     n_exact = int(cat.sql("SELECT count(*) AS n FROM (SELECT 1 FROM image_paths GROUP BY image_id "
                           "HAVING count(*) > 1) x")["n"].iloc[0])
     errors = cat.errors()
+    months = cat.timeline("month").sort_values("period", ascending=False)
     counts = cat.sql("SELECT (SELECT count(*) FROM images) AS images, (SELECT count(*) FROM image_paths) "
                      "AS paths, (SELECT count(*) FROM ingest_errors) AS errors").iloc[0]
 
@@ -72,6 +75,7 @@ def write_report(cat: Catalog, out: str | Path, per_cluster: int = 24, max_group
         f"<a href='#clusters'>{len(clusters)} clusters</a>",
         f"<a href='#near-duplicates'>{len(group_ids)} near-duplicate groups</a>",
         f"<a href='#exact'>{n_exact} images with exact copies</a>",
+        f"<a href='#timeline'>{len(months)} months of pictures</a>",
         f"<a href='#errors'>{len(errors)} errors</a>",
         f"<span>{counts['images']} images · {counts['paths']} paths</span>",
         "</nav>",
@@ -80,6 +84,7 @@ def write_report(cat: Catalog, out: str | Path, per_cluster: int = 24, max_group
         *_clusters_section(page, clusters, members, per_cluster),
         *_groups_section(page, groups, group_ids[:max_groups], per_cluster),
         *_exact_section(page, exact, n_exact),
+        *_timeline_section(page, cat, months.head(max_months), per_cluster),
         *_errors_section(errors, max_errors),
     ]
     data = (f"data-clusters='{len(clusters)}' data-groups='{min(len(group_ids), max_groups)}' "
@@ -151,6 +156,10 @@ def _clusters_section(page: _Page, clusters: pd.DataFrame, members: pd.DataFrame
     out = ["<section id=clusters>", f"<h2>Similarity categories · {len(clusters)} clusters</h2>"]
     if clusters.empty:
         out.append("<p class=empty>No clusters yet: the catalog has no embedded images.</p>")
+    else:  # a contents list by name, so a category can be found without scrolling
+        out.append("<p class=contents>" + " · ".join(
+            f"<a href='#cluster-{c.cluster_id}'>{_e(display(c.name, c.cluster_id))}</a> ({c.images})"
+            for c in clusters.itertuples()) + "</p>")
     by_cluster = {cid: part for cid, part in members.groupby("cluster_id")}
     for c in clusters.itertuples():
         shown = by_cluster.get(c.cluster_id, members.iloc[0:0])
@@ -158,7 +167,8 @@ def _clusters_section(page: _Page, clusters: pd.DataFrame, members: pd.DataFrame
         pooled = f" · {c.pooled} waiting in the pool" if c.pooled else ""
         out.append(f"<div class=cluster id='cluster-{c.cluster_id}' data-cluster-id='{c.cluster_id}' "
                    f"data-images='{c.images}'>")
-        out.append(f"<h3>Cluster {c.cluster_id} <small>{c.images} images{pooled}{more}</small></h3>")
+        out.append(f"<h3>{_e(display(c.name, c.cluster_id))} <small>#{c.cluster_id} · {c.images} images"
+                   f"{pooled}{more}</small></h3>")
         out.append("<div class=gallery>")
         for m in shown.itertuples():
             out.append(page.figure(m.image_id, m.thumb_path, m.path,
@@ -212,6 +222,32 @@ def _exact_section(page: _Page, exact: pd.DataFrame, total: int) -> list[str]:
                              [f"#{r.image_id} · {r.width}×{r.height} {r.format}", human_bytes(r.bytes)])
         paths = "".join(f"<li>{_e(p)}</li>" for p in r.paths)
         out.append(f"<div class=exact data-image-id='{r.image_id}'>{figure}<ul>{paths}</ul></div>")
+    out.append("</section>")
+    return out
+
+
+def _timeline_section(page: _Page, cat: Catalog, months: pd.DataFrame, per_month: int) -> list[str]:
+    """The latest months by capture date, each with its first pictures."""
+    out = ["<section id=timeline>", "<h2>By capture date</h2>"]
+    if months.empty:
+        out += ["<p class=empty>No capture times yet.</p>", "</section>"]
+        return out
+    shown = cat.sql(
+        "SELECT * FROM (SELECT date_trunc('month', taken_at) AS period, id AS image_id, thumb_path, "
+        "path_original AS path, width, height, format, taken_at, row_number() OVER "
+        "(PARTITION BY date_trunc('month', taken_at) ORDER BY taken_at, id) AS rank FROM images "
+        "WHERE taken_at >= %(since)s) x WHERE rank <= %(per)s ORDER BY period DESC, rank",
+        {"since": months["period"].min(), "per": per_month})
+    by_month = {p: part for p, part in shown.groupby("period")}
+    for m in months.itertuples():
+        exif = f" · {m.from_exif} from EXIF" if m.from_exif != m.images else ""
+        out.append(f"<div class=month data-period='{m.period:%Y-%m}' data-images='{m.images}'>")
+        out.append(f"<h3>{m.period:%B %Y} <small>{m.images} images{exif}</small></h3><div class=gallery>")
+        for r in by_month.get(m.period, shown.iloc[0:0]).itertuples():
+            out.append(page.figure(r.image_id, r.thumb_path, r.path,
+                                   [f"#{r.image_id} · {r.taken_at:%Y-%m-%d %H:%M}",
+                                    f"{r.width}×{r.height} {r.format}"]))
+        out.append("</div></div>")
     out.append("</section>")
     return out
 

@@ -30,9 +30,10 @@ import pandas as pd
 import psycopg
 from PIL import Image
 
+from lookalike.cluster.names import display
 from lookalike.config import Config
 from lookalike.db import runs, vector_index
-from lookalike.db.sql import FIRST_PATH
+from lookalike.db.sql import ACTIVE_VER, FIRST_PATH
 from lookalike.db.vector_io import stored_vectors, vector_from_db, vector_to_db
 from lookalike.dedup.indexes import DedupIndexes
 from lookalike.dedup.pairs import NearDupConfig, NewImages, find_pairs
@@ -66,7 +67,7 @@ QueryInput = str | Path | Image.Image | numbers.Integral | None
 SCAN_BATCH = 8192
 TRANSFORMS = [t.name.lower() for t in DIHEDRAL]
 RESULT_COLUMNS = ["kind", "rank", "image_id", "distance", "method", "transform", "width", "height",
-                  "format", "bytes", "path", "paths", "thumb_path"]
+                  "format", "bytes", "path", "paths", "thumb_path", "category"]
 
 
 
@@ -291,9 +292,29 @@ def _semantic(cat: CatalogReader, vector: np.ndarray, k: int, exclude: int | Non
         rows = cat.conn.execute(vector_index.knn_sql(cat.model_ver or "", len(vector)), {
             "vector": vector_to_db(vector, "vector"), "exclude": exclude, "k": k}).fetchall()
         rows.sort(key=lambda r: (r[1], r[0]))  # ties in image_id order, as the bytea scan ranks them
-    else:
-        rows = _scan_bytea(cat, vector, k, exclude)
+    else:  # no pgvector: the runs' exact or IVF index on disk, a scan only where it lags behind
+        rows = _search_saved_index(cat, vector, k, exclude)
+        if rows is None:
+            rows = _scan_bytea(cat, vector, k, exclude)
     return [("semantic", image_id, float(distance), "embedding", None) for image_id, distance in rows]
+
+
+def _search_saved_index(cat: CatalogReader, vector: np.ndarray, k: int,
+                        exclude: int | None) -> list[tuple[int, float]] | None:
+    """Top-k cosine distances from the vector index the runs keep under <home>/index; None when
+    it does not hold every vector of the catalog's model (a run loading now, another machine)."""
+    if cat.model_ver is None:
+        return None
+    try:
+        vectors, behind = DedupIndexes.read_vectors(cat.conn, cat.layout.index, cat.model_ver, len(vector))
+    except (OSError, ValueError):
+        return None
+    if behind or not len(vectors):
+        return None
+    _, found, cos = vectors.search(l2_normalize(vector[None, :]), k + 1, -1.0)
+    hits = sorted((1.0 - float(c), int(i)) for i, c in zip(found.tolist(), cos.tolist(), strict=True)
+                  if i != exclude)
+    return [(i, d) for d, i in hits[:k]]
 
 
 def _scan_bytea(cat: CatalogReader, vector: np.ndarray, k: int,
@@ -341,15 +362,17 @@ def _results(cat: CatalogReader, hits: list[Hit], attrs: dict[str, object]) -> p
     ids = sorted({h[1] for h in hits})
     info = {row[0]: row[1:] for row in cat.conn.execute(
         "SELECT i.id, i.width, i.height, i.format, i.bytes, "
-        "array(SELECT p.path FROM image_paths p WHERE p.image_id = i.id ORDER BY p.path), i.thumb_path "
-        "FROM images i WHERE i.id = ANY(%s)", (ids,)).fetchall()}
+        "array(SELECT p.path FROM image_paths p WHERE p.image_id = i.id ORDER BY p.path), i.thumb_path, "
+        "c.id, c.name FROM images i LEFT JOIN image_cluster ic ON ic.image_id = i.id AND ic.model_ver = "
+        f"{ACTIVE_VER} LEFT JOIN clusters c ON c.id = ic.cluster_id WHERE i.id = ANY(%s)", (ids,)).fetchall()}
     rows = []
     for kind in ("exact", "near-duplicate", "semantic"):
         of_kind = [h for h in hits if h[0] == kind]
         for rank, (_, image_id, distance, method, transform) in enumerate(of_kind, 1):
-            width, height, fmt, size, paths, thumb = info[image_id]
+            width, height, fmt, size, paths, thumb, cluster_id, name = info[image_id]
             rows.append((kind, rank, image_id, distance, method, transform, width, height, fmt, size,
-                         paths[0] if paths else None, paths, thumb))
+                         paths[0] if paths else None, paths, thumb,
+                         display(name, cluster_id) if cluster_id is not None else None))
     df = pd.DataFrame(rows, columns=RESULT_COLUMNS)
     df.attrs.update(attrs)
     return df

@@ -68,6 +68,7 @@ def _table(part: pd.DataFrame, kind: str) -> list[str]:
     columns += [
         ("size", [f"{r.width}x{r.height}" for r in part.itertuples()], False),
         ("bytes", [human_bytes(r.bytes) for r in part.itertuples()], True),
+        ("category", [r.category or "-" for r in part.itertuples()], False),
         ("path", [path(r) for r in part.itertuples()], False),
     ]
     widths = [max(len(h), *(len(v) for v in vals)) for h, vals, _ in columns]
