@@ -1,14 +1,20 @@
-"""Camera RAW (DNG made from real photos), HEIC and AVIF decoding, and capture metadata."""
+"""Camera RAW (DNG made from real photos), HEIC and AVIF decoding, capture metadata, and the extract
+stage on these formats."""
 
 from __future__ import annotations
 
+import hashlib
 import io
+import os
 import struct
+import time
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import imagehash
 import numpy as np
+import pandas as pd
+import pyarrow as pa
 import pytest
 from make_test_raw import (
     ASCII,
@@ -27,7 +33,12 @@ from make_test_raw import (
 )
 from PIL import Image
 
+from lookalike.config import load_config
+from lookalike.stages import schemas
+from lookalike.stages.extract import ExtractSettings, extract_batches, extract_file
 from lookalike.stages.formats import (
+    HEIF_EXTENSIONS,
+    RAW_EXTENSIONS,
     FormatError,
     capture_info,
     decode_image,
@@ -289,3 +300,111 @@ def test_gps_is_kept_only_when_asked(small: Image.Image) -> None:
     assert kept.gps_lon == pytest.approx(-2.294481, abs=1e-6)
     assert capture_info(decode_image(dng_bytes(small, Meta(gps=None)), ".dng").exif, MTIME,
                         keep_gps=True).gps_lat is None
+
+
+# ---------------------------------------------------------------------------------------------
+# The extract stage: extract_file and extract_batches on these formats
+
+
+def _settings(tmp_path: Path, **kw: object) -> ExtractSettings:
+    return ExtractSettings(str(tmp_path / "thumbs"), **kw)  # type: ignore[arg-type]
+
+
+def test_extract_file_on_a_dng_gives_its_format_decode_path_and_capture(tmp_path: Path,
+                                                                        small: Image.Image) -> None:
+    path = write_dng(tmp_path / "DSC_1.NEF.dng", small)
+    row = extract_file(str(path), _settings(tmp_path))
+    assert row["error"] is None, row["message"]
+    assert row["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()  # of the RAW file's bytes
+    assert (row["format"], row["decode_path"], row["width"], row["height"]) == ("raw:dng", "preview",
+                                                                                *small.size)
+    assert row["taken_at"] == datetime(2023, 7, 14, 16, 30, 5, 250000, tzinfo=UTC)
+    assert (row["taken_at_source"], row["taken_offset_min"], row["orientation"]) == ("exif", 120, 1)
+    assert (row["camera_make"], row["camera_model"], row["lens"]) == ("NIKON CORPORATION", "NIKON Z 6_2",
+                                                                      "NIKKOR Z 24-70mm f/4 S")
+    assert (row["gps_lat"], row["gps_lon"]) == (None, None)
+    with Image.open(tmp_path / "thumbs" / row["thumb"]) as thumb:
+        assert max(thumb.size) == 512
+        assert_looks_like(thumb, small, max_bits=4)
+    kept = extract_file(str(path), _settings(tmp_path, keep_gps=True))
+    assert (kept["gps_lat"], kept["gps_lon"]) == (pytest.approx(48.858370, abs=1e-6),
+                                                  pytest.approx(-2.294481, abs=1e-6))
+
+
+def test_extract_file_reads_offsetless_exif_times_in_the_configured_zone(tmp_path: Path,
+                                                                         small: Image.Image) -> None:
+    path = write_heif(tmp_path / "p.heic", small, Meta(offset=None, subsec=None))
+    paris = extract_file(str(path), _settings(tmp_path, exif_timezone="Europe/Paris"))
+    assert paris["taken_at"] == datetime(2023, 7, 14, 16, 30, 5, tzinfo=UTC)  # CEST in July
+    assert (paris["taken_at_source"], paris["taken_offset_min"], paris["format"]) == ("exif", None, "HEIF")
+    utc = extract_file(str(path), _settings(tmp_path))  # the default zone: UTC
+    assert utc["taken_at"] == datetime(2023, 7, 14, 18, 30, 5, tzinfo=UTC)
+
+
+def test_extract_file_without_exif_is_dated_by_the_mtime(tmp_path: Path, small: Image.Image) -> None:
+    path = tmp_path / "plain.jpg"
+    small.save(path, "JPEG")
+    os.utime(path, (MTIME, MTIME))
+    row = extract_file(str(path), _settings(tmp_path))  # the file's own mtime
+    assert (row["format"], row["decode_path"], row["taken_at_source"], row["orientation"]) == (
+        "JPEG", "decode", "mtime", None)
+    assert row["taken_at"] == datetime.fromtimestamp(MTIME, tz=UTC)
+    when = datetime(2021, 3, 4, 5, 6, 7, tzinfo=UTC)
+    assert extract_file(str(path), _settings(tmp_path), when)["taken_at"] == when  # the manifest's
+
+
+def test_a_raw_too_large_to_hold_is_decoded_from_its_path(tmp_path: Path, small: Image.Image) -> None:
+    path = write_dng(tmp_path / "big.dng", small)
+    held = extract_file(str(path), _settings(tmp_path / "a"))
+    streamed = extract_file(str(path), _settings(tmp_path / "b", max_read_bytes=1000))
+    keys = ("error", "sha256", "format", "width", "height", "phash", "decode_path", "taken_at",
+            "camera_model")
+    assert {k: streamed[k] for k in keys} == {k: held[k] for k in keys}
+
+
+def test_a_huge_file_named_like_a_raw_is_refused_from_its_header(tmp_path: Path) -> None:
+    path = tmp_path / "huge.nef"
+    path.write_bytes(b"")
+    os.truncate(path, 3 << 30)  # a hole: 3 GB of zeros that take no disk
+    started = time.monotonic()
+    row = extract_file(str(path), _settings(tmp_path))
+    assert row["error"] == "raw_decode" and row["sha256"] is None, row
+    assert row["message"].startswith("cannot decode raw:nef: LibRaw cannot open it")
+    assert time.monotonic() - started < 10  # not read
+
+
+@pytest.mark.parametrize("name,code", [("broken.nef", "raw_decode"), ("cut.heic", "heif_decode")])
+def test_extract_file_turns_format_errors_into_error_rows(tmp_path: Path, small: Image.Image, name: str,
+                                                         code: str) -> None:
+    path = tmp_path / name
+    if code == "raw_decode":
+        path.write_bytes(dng_bytes(small, preview=None, broken=True))
+    else:
+        path.write_bytes(write_heif(tmp_path / "whole.heic", small).read_bytes()[:3000])
+    row = extract_file(str(path), _settings(tmp_path))
+    assert row["error"] == code and row["thumb"] is None and row["taken_at"] is None
+    assert row["message"] and "\n" not in row["message"]
+
+
+def test_feature_batches_keep_their_arrow_types(tmp_path: Path, small: Image.Image) -> None:
+    """What mapInPandas hands Spark: ints exact, NaN never a GPS value, the capture time in UTC."""
+    dng = write_dng(tmp_path / "a.dng", small)
+    heic = write_heif(tmp_path / "b.heic", small, NO_EXIF)
+    when = pd.Timestamp("2022-01-02 03:04:05", tz="UTC")
+    manifest = pd.DataFrame({"path": [str(dng), str(heic), str(tmp_path / "gone.dng")], "bytes": [1, 2, 3],
+                             "mtime": [when] * 3, "error": [None] * 3, "message": [None] * 3})
+    (frame,) = extract_batches(iter([manifest]), _settings(tmp_path, keep_gps=True))
+    table = pa.Table.from_pandas(frame, schema=schemas.FEATURES, preserve_index=False)
+    rows = table.to_pylist()
+    assert [r["error"] for r in rows] == [None, None, "vanished"]
+    assert rows[0]["taken_at"] == datetime(2023, 7, 14, 16, 30, 5, 250000, tzinfo=UTC)
+    assert rows[0]["gps_lat"] == pytest.approx(48.858370, abs=1e-6) and rows[0]["taken_offset_min"] == 120
+    assert rows[1]["taken_at"] == when.to_pydatetime() and rows[1]["taken_at_source"] == "mtime"
+    assert (rows[1]["gps_lat"], rows[1]["taken_offset_min"], rows[2]["orientation"]) == (None, None, None)
+    assert rows[0]["phash"] == extract_file(str(dng), _settings(tmp_path))["phash"]  # all 64 bits
+
+
+def test_the_scan_takes_raw_and_heif_by_default() -> None:
+    extensions = set(load_config()["scan"]["extensions"])
+    assert extensions >= RAW_EXTENSIONS | HEIF_EXTENSIONS
+    assert {".jpg", ".png", ".tif"} <= extensions and ".txt" not in extensions

@@ -29,7 +29,7 @@ from PIL import Image, ImageFile
 from lookalike.errors import IngestError, one_line
 from lookalike.files import replacing
 from lookalike.stages import schemas
-from lookalike.stages.formats import Decoded, FormatError, capture_info, decode_image, is_raw
+from lookalike.stages.formats import Decoded, FormatError, capture_info, decode_image, is_raw, probe_raw
 from lookalike.stages.hashing import dihedral_phashes, image_hashes
 
 READ_CHUNK = 8 << 20
@@ -109,7 +109,10 @@ def _read_once(path: str, settings: ExtractSettings) -> tuple[str, bytes | None,
         if st.st_size == 0:
             raise ExtractError(IngestError.EMPTY, "file is empty (0 bytes)")
         keep = st.st_size <= settings.max_read_bytes
-        if not keep and not is_raw(os.path.splitext(path)[1]):
+        ext = os.path.splitext(path)[1]
+        if not keep and is_raw(ext):
+            probe_raw(path, ext, settings.max_image_pixels)  # LibRaw's header check, not Pillow's
+        elif not keep:
             with _bomb_guard(settings.max_image_pixels):
                 Image.open(f)  # the header only; the file stays open (it is ours, not Pillow's)
             f.seek(0)

@@ -159,6 +159,30 @@ def is_raw(ext: str) -> bool:
     return _norm_ext(ext) in RAW_EXTENSIONS
 
 
+def probe_raw(path: str, ext: str, max_pixels: int | None = None) -> None:
+    """LibRaw's verdict on a RAW file from its header and metadata, before it is read whole.
+
+    For a file too large to hold: gigabytes no decoder claims are refused without being read.
+    Raises FormatError ('raw_decode', 'too_large'); a JPEG named like a RAW passes.
+    """
+    fmt = f"raw:{_norm_ext(ext)[1:]}"
+    try:
+        import rawpy
+    except ImportError:
+        raise FormatError("raw_decode", f"cannot decode {fmt}: rawpy is not installed") from None
+    try:
+        with rawpy.imread(path) as raw:  # opens and parses the metadata; no unpack
+            sizes = raw.sizes
+    except rawpy.LibRawError as e:
+        if _head(path)[:3] == b"\xff\xd8\xff":
+            return
+        raise FormatError("raw_decode",
+                          f"cannot decode {fmt}: LibRaw cannot open it ({_one_line(e)})") from None
+    if max_pixels is not None and sizes.width * sizes.height > max_pixels:
+        raise FormatError("too_large", f"{fmt} of {sizes.width}x{sizes.height} pixels is over the "
+                                       f"{max_pixels} limit")
+
+
 # ---------------------------------------------------------------------------------------------
 # Camera RAW
 
@@ -215,7 +239,8 @@ def _decode_raw(data: bytes | str, ext: str, min_side: int, max_pixels: int | No
                 raise FormatError("raw_decode", f"cannot decode {fmt}: {why_not}, and the demosaic failed "
                                                 f"({_one_line(e)})") from None
             image = Image.fromarray(rgb)
-    exif = (raw_exif(data) if isinstance(data, bytes) else None) or preview_exif or Image.Exif()
+    own = raw_exif(data) if isinstance(data, bytes) else _raw_exif_file(data)
+    exif = own or preview_exif or Image.Exif()
     if _ORIENTATION not in exif:
         exif[_ORIENTATION] = orientation
     return Decoded(image, fmt, width, height, path, exif)
@@ -275,6 +300,25 @@ def _exif_from_tiff(tiff: bytes) -> Image.Exif | None:
             exif.get_ifd(_GPS_IFD)
         except _PILLOW_ERRORS:
             return None
+    return exif if len(exif) else None
+
+
+def _raw_exif_file(path: str) -> Image.Exif | None:
+    """EXIF from a TIFF-based RAW too large to hold, read through the open file (IFDs only)."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) not in (b"II*\x00", b"MM\x00*"):
+                return None  # ORF, RW2, CR3, RAF that large: the preview's EXIF, if any
+            f.seek(0)
+            exif = Image.Exif()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                exif.load_from_fp(f)
+                for ifd in (_EXIF_IFD, _GPS_IFD):
+                    with contextlib.suppress(*_PILLOW_ERRORS):
+                        exif.get_ifd(ifd)
+    except (OSError, *_PILLOW_ERRORS):
+        return None
     return exif if len(exif) else None
 
 
