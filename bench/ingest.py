@@ -1,6 +1,6 @@
 """Extract-stage speed and memory on archive-like files (10-50 MB), side by side in one run.
 
-    python bench/ingest.py [CORPUS_DIR] [--rounds 2] [--spark]
+    python bench/ingest.py [CORPUS_DIR] [--rounds 2] [--spark] [--formats-mb 25] [--formats-only]
 
 CORPUS_DIR defaults to bench/out/corpus40, built with
 ../shared/tools/make_large_corpus.py ../shared/data/photos-hires DIR --count 40.
@@ -12,6 +12,13 @@ Per image, on one core, each way in turn on the same files (rounds alternate the
 Also: bytes read through read() per corpus byte for extract (from /proc/self/io rchar), peak
 RSS of a fresh worker process extracting the largest files, and with --spark the Spark
 stage's throughput over the whole corpus in local mode.
+
+Then camera RAW and HEIC (#24): one real photo scaled so that its 16-bit Bayer mosaic is
+--formats-mb MB (a camera's RAW), written as a DNG with a full-size preview JPEG, a DNG without
+a preview, a HEIC and a JPEG (q95) of the same pixels (tests/make_test_raw.py; kept under
+bench/out/formats-<MB>mb). extract_file on each, best of --rounds: seconds per file (wall and
+process CPU, all threads) through the preview, the half-size demosaic and the decoders, side by
+side with the JPEG. --formats-only skips the corpus.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from lookalike.stages.hashing import dihedral_phashes, image_hashes
 
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parent.parent / "shared"
+sys.path.insert(0, str(HERE.parent / "tests"))  # make_test_raw: DNG and HEIC from real photos
 EXTS = {".jpg", ".jpeg", ".png", ".tif", ".tiff"}
 
 
@@ -62,7 +70,7 @@ def floor(path: Path, settings: ExtractSettings) -> None:
     """The least any correct extract must do: read once, sha256, reduced-scale decode."""
     data = path.read_bytes()
     hashlib.sha256(data).hexdigest()
-    decode_thumbnail(io.BytesIO(data), settings)
+    decode_thumbnail(data, settings, path.suffix)
 
 
 def rchar() -> int:
@@ -129,12 +137,71 @@ def spark_stage(root: Path) -> tuple[int, float]:
         return summary.counts.files, time.perf_counter() - started
 
 
+def format_files(megabytes: float) -> dict[str, Path]:
+    """The same photo as a DNG with and without its preview, a HEIC and a JPEG; built once."""
+    from make_test_raw import photo_for_mb, write_dng, write_heif
+
+    out = HERE / "out" / f"formats-{megabytes:g}mb"
+    files = {"jpeg q95": out / "photo.jpg", "dng + preview": out / "preview.dng",
+             "dng, no preview": out / "mosaic.dng", "heic q80": out / "photo.heic"}
+    if not all(p.exists() for p in files.values()):
+        print(f"building the RAW/HEIC files in {out} ...", file=sys.stderr)
+        out.mkdir(parents=True, exist_ok=True)
+        src = photo_for_mb(megabytes)
+        src.save(files["jpeg q95"], "JPEG", quality=95)
+        write_dng(files["dng + preview"], src)
+        write_dng(files["dng, no preview"], src, preview=None)
+        write_heif(files["heic q80"], src)
+    return files
+
+
+def time_formats(files: dict[str, Path], rounds: int) -> dict[str, tuple[str, float, float]]:
+    """(decode path, best wall s, best CPU s) of extract_file per file, the page cache warm."""
+    best: dict[str, tuple[str, float, float]] = {}
+    for name, path in files.items():
+        path.read_bytes()
+        for _ in range(rounds):
+            with tempfile.TemporaryDirectory() as thumbs:
+                wall, cpu = time.perf_counter(), time.process_time()
+                row = extract_file(str(path), ExtractSettings(thumbs))
+                wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            assert row["error"] is None, row
+            _, w, c = best.get(name, ("", float("inf"), float("inf")))
+            best[name] = (row["decode_path"], min(w, wall), min(c, cpu))
+    return best
+
+
+def formats_report(megabytes: float, rounds: int) -> None:
+    files = format_files(megabytes)
+    with Image.open(files["jpeg q95"]) as im:
+        size = f"{im.width}x{im.height}"
+    t = time_formats(files, rounds)
+    print(f"RAW and HEIC: one photo, {size} ({megabytes:g} MB as a 16-bit mosaic), extract_file, "
+          f"best of {rounds}")
+    print(f"  {'file':<16} {'MB':>6} {'path':>9} {'s/file':>7} {'cpu s':>6} {'vs jpeg':>8}")
+    ref = t["jpeg q95"][1]
+    for name, path in files.items():
+        how, wall, cpu = t[name]
+        print(f"  {name:<16} {path.stat().st_size / 1e6:>6.1f} {how:>9} {wall:>7.3f} {cpu:>6.3f} "
+              f"{wall / ref:>7.2f}x")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("corpus", nargs="?", type=Path, default=HERE / "out" / "corpus40")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--spark", action="store_true", help="also time the Spark stage end to end")
+    ap.add_argument("--formats-mb", type=float, default=25.0,
+                    help="RAW/HEIC section: the photo's size as a 16-bit mosaic, MB (0: skip)")
+    ap.add_argument("--formats-only", action="store_true", help="only the RAW/HEIC section")
     a = ap.parse_args()
+    if not a.formats_only:
+        corpus_report(a)
+    if a.formats_mb > 0:
+        formats_report(a.formats_mb, a.rounds)
+
+
+def corpus_report(a: argparse.Namespace) -> None:
     files = corpus_files(a.corpus)
     sizes = [p.stat().st_size for p in files]
     total = sum(sizes)

@@ -32,6 +32,8 @@ def test_override_changes_only_named_keys(tmp_path: Path) -> None:
     ("[embed]\nbackend = 'gpu'\n", "embed.backend"),
     ("[scan]\nextensions = '.jpg'\n", "scan.extensions"),
     ("[extract]\nthumb_size = true\n", "extract.thumb_size"),
+    ("[extract]\nkeep_gps = 1\n", "extract.keep_gps"),
+    ("[extract]\nexif_timezone = 'Mars/Olympus'\n", "extract.exif_timezone"),
 ])
 def test_bad_config_is_rejected_naming_the_key(tmp_path: Path, text: str, named: str) -> None:
     with pytest.raises(ConfigError, match=named.replace(".", r"\.")):

@@ -12,6 +12,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # spark-submit.sh ships the package as a zip, away from conf/: it names the file instead.
@@ -105,6 +106,12 @@ def _check_value(key: str, default: Any, value: Any) -> Any:
             raise ConfigError(f"{key}: {value!r} is out of range [{lo}, {hi if hi is not None else '∞'}]")
     if key in _CHOICES and value not in _CHOICES[key]:
         raise ConfigError(f"{key}: {value!r} is not one of {', '.join(_CHOICES[key])}")
+    if key == "extract.exif_timezone":
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ConfigError(f"{key}: {value!r} is not a known time zone (an IANA name such as "
+                              "'UTC' or 'Europe/Paris')") from None
     if key == "cluster.refit_growth" and 0 < value <= 1:
         raise ConfigError(f"{key}: {value!r} would cluster everything again on every run: "
                           "use 0 (never) or more than 1")

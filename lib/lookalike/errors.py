@@ -22,6 +22,8 @@ class IngestError(StrEnum):
     EMPTY = "empty"                  # 0 bytes
     NOT_AN_IMAGE = "not_an_image"    # no known image format
     DECODE = "decode"                # a known format, but broken (truncated, corrupt)
+    RAW_DECODE = "raw_decode"        # a camera RAW whose preview and demosaic both failed
+    HEIF_DECODE = "heif_decode"      # a HEIC/HEIF/AVIF file no decoder could read
     TOO_LARGE = "too_large"          # over the decompression-bomb guard, or out of memory
     THUMBNAIL = "thumbnail"          # the thumbnail could not be written (the disk, not the file)
     # embed: from the thumbnail

@@ -20,16 +20,23 @@ from lookalike.stages import schemas
 from lookalike.stages.hashing import HASH_VERSION
 from lookalike.stages.schemas import postgres_columns
 
+# When and with what a picture was taken: images columns of the same names.
+_CAPTURE = ["taken_at", "taken_at_source", "taken_offset_min", "camera_make", "camera_model", "lens",
+            "orientation", "gps_lat", "gps_lon", "decode_path"]
 # The features that go into the catalog (the dihedral pHashes serve the dedup stage only).
 _STAGE_COLUMNS = postgres_columns(schemas.FEATURES, [
     "path", "bytes", "mtime", "sha256", "width", "height", "format", "phash", "dhash", "ahash", "thumb",
-    "error", "message"])
+    *_CAPTURE, "error", "message"])
 
 _UPSERTS = [
     """
 -- One new image per new sha256: the lexically first path's row describes it (path_original).
-INSERT INTO images (file_sha256, path_original, width, height, format, bytes, thumb_path, run_id)
-SELECT DISTINCT ON (sha256) sha256, path, width, height, format, bytes, thumb, %(run_id)s
+INSERT INTO images (file_sha256, path_original, width, height, format, bytes, thumb_path, run_id,
+                    taken_at, taken_at_source, taken_offset_min, camera_make, camera_model,
+                    lens, orientation, gps_lat, gps_lon, decode_path)
+SELECT DISTINCT ON (sha256) sha256, path, width, height, format, bytes, thumb, %(run_id)s,
+       taken_at, taken_at_source, taken_offset_min, camera_make, camera_model, lens, orientation, gps_lat,
+       gps_lon, decode_path
 FROM stage WHERE error IS NULL ORDER BY sha256, path
 ON CONFLICT (file_sha256) DO NOTHING
 RETURNING file_sha256, id
@@ -87,9 +94,14 @@ def _copy_stage(cur: psycopg.Cursor, features: pa.Table) -> None:
     cur.execute("CREATE TEMP TABLE stage (" + ", ".join(f"{n} {t}" for n, t in _STAGE_COLUMNS)
                 + ") ON COMMIT DROP")
     names = [n for n, _ in _STAGE_COLUMNS]
+    for name in names:  # a stage written before a column existed (a resumed manifest): nulls
+        if name not in features.column_names:
+            missing = pa.nulls(features.num_rows, schemas.FEATURES.field(name).type)
+            features = features.append_column(name, missing)
     # Spark writes timestamps without a zone; they are UTC (the session's time zone).
-    mtime = features["mtime"].cast(pa.timestamp("us")).cast(pa.timestamp("us", tz="UTC"))
-    features = features.set_column(features.schema.get_field_index("mtime"), "mtime", mtime)
+    for name in ("mtime", "taken_at"):
+        utc = features[name].cast(pa.timestamp("us")).cast(pa.timestamp("us", tz="UTC"))
+        features = features.set_column(features.schema.get_field_index(name), name, utc)
     with cur.copy(f"COPY stage ({', '.join(names)}) FROM STDIN (FORMAT BINARY)") as copy:
         copy.set_types([t for _, t in _STAGE_COLUMNS])
         for row in features.select(names).to_pylist():

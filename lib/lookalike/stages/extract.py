@@ -1,39 +1,36 @@
 """Per-file feature extraction: each original is read exactly once.
 
-The same bytes feed sha256 and one reduced-scale decode (JPEG draft mode), which yields the
-size, the perceptual hashes and the 512-px thumbnail. A file that cannot be catalogued
-becomes a row with an error code and a one-line message, never an exception.
+The same bytes feed sha256 and one reduced-scale decode (JPEG draft mode; a camera RAW's
+embedded preview or half-size demosaic, see stages.formats), which yields the size, the
+perceptual hashes and the 512-px thumbnail, and the capture metadata (time, camera, lens,
+orientation, GPS when configured). A file that cannot be catalogued becomes a row with an
+error code and a one-line message, never an exception.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import stat
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import cache
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image, ImageFile
 
 from lookalike.errors import IngestError, one_line
 from lookalike.files import replacing
 from lookalike.stages import schemas
+from lookalike.stages.formats import Decoded, FormatError, capture_info, decode_image, is_raw, probe_raw
 from lookalike.stages.hashing import dihedral_phashes, image_hashes
-
-# Registers the HEIF opener when pillow-heif is installed; HEIC files are errors otherwise.
-try:  # pragma: no cover - optional plugin
-    import pillow_heif
-
-    pillow_heif.register_heif_opener()
-except ImportError:
-    pass
 
 READ_CHUNK = 8 << 20
 
@@ -42,7 +39,10 @@ FEATURE_COLUMNS = schemas.FEATURES.names
 
 # Nullable integer dtypes: beside an error row's None, plain pandas turns these columns into
 # float64, whose 53-bit mantissa silently rounds the low bits of the 64-bit hashes.
-_NULLABLE_INTS = {"width": "Int32", "height": "Int32", "phash": "Int64", "dhash": "Int64", "ahash": "Int64"}
+# The same for the float GPS columns (NaN is not null) and the capture time (tz-aware UTC).
+_DTYPES = {"width": "Int32", "height": "Int32", "phash": "Int64", "dhash": "Int64", "ahash": "Int64",
+           "taken_offset_min": "Int32", "orientation": "Int32", "gps_lat": "Float64", "gps_lon": "Float64",
+           "taken_at": "datetime64[us, UTC]"}
 
 
 @dataclass(frozen=True)
@@ -52,12 +52,14 @@ class ExtractSettings:
     thumb_quality: int = 90
     max_image_pixels: int = 250_000_000
     max_read_bytes: int = 256 << 20
+    keep_gps: bool = False
+    exif_timezone: str = "UTC"  # the zone of EXIF times written without an offset
 
     @classmethod
     def from_config(cls, cfg: Any, thumbs_dir: Path) -> ExtractSettings:
         e = cfg["extract"]
         return cls(str(thumbs_dir), e["thumb_size"], e["thumb_quality"], e["max_image_pixels"],
-                   e["max_read_bytes"])
+                   e["max_read_bytes"], e["keep_gps"], e["exif_timezone"])
 
 
 class ExtractError(Exception):
@@ -83,13 +85,14 @@ def _bomb_guard(max_pixels: int) -> Iterator[None]:
         yield
 
 
-def _read_once(path: str, settings: ExtractSettings) -> tuple[str, bytes | None]:
-    """sha256 of the file, and its bytes when it is small enough to hold in memory.
+def _read_once(path: str, settings: ExtractSettings) -> tuple[str, bytes | None, float]:
+    """sha256 of the file, its bytes when it is small enough to hold in memory, and its mtime.
 
     Refuses anything that is not a regular file (FIFOs would block, devices never end). A file
     too large to hold is identified from its header first: gigabytes that no decoder claims
-    (a zero-filled failed copy, a disk image named .jpg) are refused without being read.
-    Pillow's errors propagate for the caller to classify.
+    (a zero-filled failed copy, a disk image named .jpg) are refused without being read; a
+    camera RAW's header is LibRaw's to judge, not Pillow's. Pillow's errors propagate for the
+    caller to classify.
     """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO must not block the open
@@ -106,7 +109,10 @@ def _read_once(path: str, settings: ExtractSettings) -> tuple[str, bytes | None]
         if st.st_size == 0:
             raise ExtractError(IngestError.EMPTY, "file is empty (0 bytes)")
         keep = st.st_size <= settings.max_read_bytes
-        if not keep:
+        ext = os.path.splitext(path)[1]
+        if not keep and is_raw(ext):
+            probe_raw(path, ext, settings.max_image_pixels)  # LibRaw's header check, not Pillow's
+        elif not keep:
             with _bomb_guard(settings.max_image_pixels):
                 Image.open(f)  # the header only; the file stays open (it is ours, not Pillow's)
             f.seek(0)
@@ -124,8 +130,8 @@ def _read_once(path: str, settings: ExtractSettings) -> tuple[str, bytes | None]
         except OSError as e:
             raise ExtractError(IngestError.UNREADABLE, f"read failed: {e.strerror or e}") from None
     if keep:
-        return digest.hexdigest(), b"".join(chunks)
-    return digest.hexdigest(), None
+        return digest.hexdigest(), b"".join(chunks), st.st_mtime
+    return digest.hexdigest(), None, st.st_mtime
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
@@ -152,29 +158,50 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im
 
 
-def decode_thumbnail(source: Any, settings: ExtractSettings) -> tuple[Image.Image, str, int, int]:
+def decode_thumbnail(source: bytes | str | Path, settings: ExtractSettings,
+                     ext: str | None = None) -> tuple[Image.Image, Decoded]:
     """Decode at the smallest scale that still yields a sharp thumbnail.
 
-    Returns (RGB thumbnail, format, width, height) with EXIF orientation applied; width and
-    height are the original's displayed dimensions.
+    `source` is the file's bytes, or its path when it is too large to hold; `ext` routes camera
+    RAW to LibRaw (the path's suffix when not given). Returns the RGB thumbnail, orientation
+    applied, and the Decoded (format, the original's displayed size, decode path, EXIF).
     """
-    with _bomb_guard(settings.max_image_pixels), Image.open(source) as im:
-        fmt = im.format or "unknown"
-        width, height = im.size
-        orientation = im.getexif().get(0x0112, 1)
-        if orientation in (5, 6, 7, 8):
-            width, height = height, width
-        if fmt == "JPEG":
-            # draft() picks the largest DCT scale (1/2..1/8) keeping both sides >= the request.
-            t = settings.thumb_size
-            scale = max(t / max(im.size), 1 / 8)
-            im.draft("RGB", (max(1, int(im.size[0] * scale)), max(1, int(im.size[1] * scale))))
-        im.seek(0)  # animated formats: the first frame
-        im.load()
-        im = ImageOps.exif_transpose(im) if orientation != 1 else im
-        rgb = _to_rgb(im)
+    if isinstance(source, Path):
+        source = str(source)
+    if ext is None:
+        ext = os.path.splitext(source)[1] if isinstance(source, str) else ""
+    with _bomb_guard(settings.max_image_pixels):
+        decoded = decode_image(source, ext, settings.thumb_size, settings.max_image_pixels)
+        rgb = _to_rgb(decoded.image)
     rgb.thumbnail((settings.thumb_size, settings.thumb_size), Image.Resampling.LANCZOS)
-    return rgb, fmt, width, height
+    return rgb, decoded
+
+
+@cache
+def _zone(name: str) -> ZoneInfo:
+    return ZoneInfo(name)
+
+
+def _capture_columns(decoded: Decoded, mtime: Any, settings: ExtractSettings) -> dict[str, Any]:
+    """The capture columns of a feature row; metadata never makes a file an error."""
+    try:
+        info = capture_info(decoded.exif, mtime, settings.keep_gps, _zone(settings.exif_timezone))
+    except Exception:  # a metadata oddity nobody foresaw: keep the image, dated by its mtime
+        info = capture_info(None, mtime)
+    taken: datetime | None = info.taken_at
+    offset = taken.utcoffset() if taken is not None and info.taken_at_offset else None
+    return {
+        "taken_at": taken.astimezone(UTC) if taken is not None else None,
+        "taken_at_source": info.taken_at_source,
+        "taken_offset_min": int(offset.total_seconds() // 60) if offset is not None else None,
+        "camera_make": info.camera_make,
+        "camera_model": info.camera_model,
+        "lens": info.lens,
+        "orientation": info.orientation,
+        "gps_lat": info.gps_lat,
+        "gps_lon": info.gps_lon,
+        "decode_path": decoded.path,
+    }
 
 
 def _write_thumbnail(thumb: Image.Image, dest: Path, quality: int) -> None:
@@ -201,16 +228,22 @@ def prepare_thumbs_dir(thumbs_dir: Path) -> None:
         raise OSError(e.errno, f"cannot write thumbnails: {e.strerror or e}", str(thumbs_dir)) from None
 
 
-def extract_file(path: str, settings: ExtractSettings) -> dict[str, Any]:
-    """Features of one file, or an error row; never raises for a bad file."""
+def extract_file(path: str, settings: ExtractSettings, mtime: Any = None) -> dict[str, Any]:
+    """Features of one file, or an error row; never raises for a bad file.
+
+    `mtime` (the manifest's) is the capture time of a file without an EXIF one; the file's own
+    when not given.
+    """
     row: dict[str, Any] = dict.fromkeys(FEATURE_COLUMNS)
     row["path"] = path
     try:
         try:
-            sha, data = _read_once(path, settings)
+            sha, data, file_mtime = _read_once(path, settings)
             row["sha256"] = sha
-            thumb, fmt, width, height = decode_thumbnail(io.BytesIO(data) if data is not None else path,
-                                                         settings)
+            thumb, decoded = decode_thumbnail(data if data is not None else path, settings,
+                                              os.path.splitext(path)[1])
+        except FormatError as e:  # raw_decode, heif_decode, too_large: already one line
+            raise ExtractError(IngestError(e.code), str(e)) from None
         except Image.DecompressionBombError as e:
             raise ExtractError(IngestError.TOO_LARGE, f"decompression-bomb guard: {one_line(e)}") from None
         except Image.DecompressionBombWarning as e:
@@ -228,7 +261,8 @@ def extract_file(path: str, settings: ExtractSettings) -> dict[str, Any]:
             _write_thumbnail(thumb, Path(settings.thumbs_dir) / rel, settings.thumb_quality)
         except OSError as e:
             raise ExtractError(IngestError.THUMBNAIL, f"cannot write thumbnail: {one_line(e)}") from None
-        row.update(format=fmt, width=width, height=height, thumb=rel)
+        row.update(format=decoded.format, width=decoded.width, height=decoded.height, thumb=rel)
+        row.update(_capture_columns(decoded, mtime if mtime is not None else file_mtime, settings))
     except ExtractError as e:
         row.update(error=e.code, message=str(e))
     return row
@@ -248,8 +282,12 @@ def extract_batches(batches: Iterator[pd.DataFrame], settings: ExtractSettings) 
                 row = dict.fromkeys(FEATURE_COLUMNS)
                 row.update(path=path, error=error, message=message)
             else:
-                row = extract_file(path, settings)
+                row = extract_file(path, settings, mtime)
             row["bytes"], row["mtime"] = int(size), mtime
             rows.append(row)
-        yield pd.DataFrame({c: pd.Series([r[c] for r in rows], dtype=_NULLABLE_INTS.get(c))
-                            for c in FEATURE_COLUMNS})
+        yield features_frame(rows)
+
+
+def features_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """Feature rows as the DataFrame mapInPandas hands to Spark, every column in its exact dtype."""
+    return pd.DataFrame({c: pd.Series([r[c] for r in rows], dtype=_DTYPES.get(c)) for c in FEATURE_COLUMNS})

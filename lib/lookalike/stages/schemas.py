@@ -28,6 +28,17 @@ FEATURES = pa.schema([
     ("ahash", pa.int64()),
     ("phash_dihedral", pa.list_(pa.int64())),  # the pHash of the 7 flips/rotations
     ("thumb", pa.string()),                    # relative to the thumbnail folder
+    # capture metadata (stages.formats.capture_info)
+    ("taken_at", pa.timestamp("us", tz="UTC")),  # EXIF DateTimeOriginal, else the file's mtime
+    ("taken_at_source", pa.string()),            # 'exif' | 'mtime'
+    ("taken_offset_min", pa.int32()),            # the EXIF OffsetTimeOriginal in minutes; null without
+    ("camera_make", pa.string()),
+    ("camera_model", pa.string()),
+    ("lens", pa.string()),
+    ("orientation", pa.int32()),                 # EXIF 1-8 as the file stores it (already applied)
+    ("gps_lat", pa.float64()),                   # degrees, null unless [extract] keep_gps
+    ("gps_lon", pa.float64()),
+    ("decode_path", pa.string()),                # 'preview' | 'demosaic' (camera RAW) | 'decode'
     ("error", pa.string()),
     ("message", pa.string()),
 ])
@@ -41,9 +52,11 @@ EMBEDDINGS = pa.schema([
     ("message", pa.string()),
 ])
 
-_SPARK = {pa.string(): "string", pa.int64(): "long", pa.int32(): "int", pa.binary(): "binary",
+_SPARK = {pa.string(): "string", pa.int64(): "long", pa.int32(): "int", pa.float64(): "double",
+          pa.binary(): "binary",
           pa.timestamp("us", tz="UTC"): "timestamp", pa.list_(pa.int64()): "array<long>"}
-_POSTGRES = {pa.string(): "text", pa.int64(): "int8", pa.int32(): "int4", pa.binary(): "bytea",
+_POSTGRES = {pa.string(): "text", pa.int64(): "int8", pa.int32(): "int4", pa.float64(): "float8",
+             pa.binary(): "bytea",
              pa.timestamp("us", tz="UTC"): "timestamptz"}
 
 
