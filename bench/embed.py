@@ -1,4 +1,5 @@
-"""Embedding throughput in one run: the embed stage vs the raw model forward, ONNX Runtime vs torch.
+"""Embedding throughput in one run: the embed stage vs the raw model forward, ONNX Runtime vs torch,
+and the stage with its top-5 labels vs without (issue #19: within 5%).
 
     .venv/bin/python bench/embed.py [--images 2000] [--large 20000] [--model effnet|vit] [--torch-images 128]
                                     [--work DIR]
@@ -24,6 +25,11 @@ All figures come from the same thumbnails, made once at the start:
    against one long run would favour the raw forward on a shared machine, whose speed drifts).
 4. torch vs ONNX Runtime: the raw forward of each with 2 threads, and the RSS of a process once
    its model is loaded (an ONNX executor never imports torch).
+5. Labels: every stage run above is made twice, with the labels (the classifier head's output, or a
+   CLIP model's zero-shot scores; softmax and top-5 in numpy; two more columns through Spark and
+   Parquet) and without (EmbedSettings.labels=False: the head's output not fetched, null labels),
+   side by side in A-B-B-A order so that a drifting machine favours neither. The raw forward is
+   timed with and without labels too (Embedder.embed_labelled vs embed_pixels).
 The machine may be shared: every figure is printed with the 1-minute load average beside it,
 and the stage/raw ratio is also given from CPU time per image, which other processes on the
 cores do not inflate: the ratio of rates on idle cores if the stage kept them busy throughout.
@@ -33,6 +39,7 @@ About 6 minutes on an idle 2-core machine.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -147,7 +154,9 @@ def cpu_delta(before: dict[int, dict[str, Any]], after: dict[int, dict[str, Any]
 # --------------------------------------------------------------------------- the stage
 
 
-def run_stage(runner: Any, rows: pa.Table, spec: registry.ModelSpec, name: str) -> dict[str, Any]:
+def run_stage(runner: Any, rows: pa.Table, spec: registry.ModelSpec, name: str,
+              labels: bool = True) -> dict[str, Any]:
+    runner.labels = labels
     before, self_before = spark_processes(), resource.getrusage(resource.RUSAGE_SELF)
     started = time.perf_counter()
     out = runner.embed(name, rows, spec)
@@ -157,6 +166,9 @@ def run_stage(runner: Any, rows: pa.Table, spec: registry.ModelSpec, name: str) 
     if out.num_rows != rows.num_rows or errors:
         raise SystemExit(f"stage {name}: {out.num_rows} rows and {errors} errors, "
                          f"expected {rows.num_rows} vectors")
+    unlabelled = out["labels"].null_count
+    if unlabelled != (0 if labels else rows.num_rows):
+        raise SystemExit(f"stage {name} (labels {labels}): {unlabelled} of {rows.num_rows} rows unlabelled")
     driver = (self_after.ru_utime + self_after.ru_stime) - (self_before.ru_utime + self_before.ru_stime)
     return {"seconds": seconds, "rate": rows.num_rows / seconds, "load": load(),
             "cpu_jvm": cpu_delta(before["jvm"], after["jvm"]),
@@ -176,7 +188,7 @@ def reused(rows: pa.Table, count: int) -> pa.Table:
 
 
 def child(spec_file: Path, rows_file: Path, backend: str, threads: int, shard: int, shards: int,
-          limit: int, batch: int, cache_dir: Path, passes: int, repeat: int) -> None:
+          limit: int, batch: int, cache_dir: Path, passes: int, repeat: int, labels: bool) -> None:
     """Decode and preprocess with the stage's code, then time the forward alone, pass by pass.
 
     A pass runs the batches `repeat` times over. Before each pass it prints 'ready' and waits for a
@@ -205,7 +217,8 @@ def child(spec_file: Path, rows_file: Path, backend: str, threads: int, shard: i
                 write(image, pixels[n])
                 decode_s, prep_s, n = decode_s + t1 - t0, prep_s + time.thread_time() - t1, n + 1
             batches.append(pixels[first:n])
-    embedder.embed_pixels(batches[0])  # untimed: ORT and torch allocate and tune on the first run
+    forward = embedder.embed_labelled if labels else embedder.embed_pixels
+    forward(batches[0])  # untimed: ORT and torch allocate and tune on the first run
     spans = []
     for _ in range(passes):
         print("ready", flush=True)
@@ -213,7 +226,7 @@ def child(spec_file: Path, rows_file: Path, backend: str, threads: int, shard: i
         t0, c0 = time.time(), time.process_time()
         for _ in range(repeat):
             for b in batches:
-                embedder.embed_pixels(b)
+                forward(b)
         spans.append((t0, time.time(), time.process_time() - c0))
     print(json.dumps({"images": n * repeat, "spans": spans, "load_s": load_s,
                       "decode_ms": 1000 * decode_s / n,
@@ -228,12 +241,12 @@ def _hwm_mb() -> float:
 
 
 def raw_forward(args: argparse.Namespace, backend: str, threads: int, processes: int, limit: int,
-                passes: int = 2, repeat: int = 1) -> dict[str, Any]:
+                passes: int = 2, repeat: int = 1, labels: bool = False) -> dict[str, Any]:
     """`processes` concurrent children of `threads` threads share the batches, each pass `repeat`
-    times over; the best pass counts."""
+    times over; the best pass counts. labels: embed_labelled (vectors and top-5) in place of embed_pixels."""
     cmd = [sys.executable, __file__, "--batch", str(args.batch), "--cache-dir", str(args.cache_dir),
            "--child", str(args.spec_file), str(args.rows_file), backend, str(threads), "", str(processes),
-           str(limit), str(passes), str(repeat)]
+           str(limit), str(passes), str(repeat), str(int(labels))]
     kids = []
     for shard in range(processes):
         cmd[cmd.index("--child") + 5] = str(shard)
@@ -292,12 +305,12 @@ def main() -> None:
     ap.add_argument("--work", type=Path, help="keep originals and thumbnails here (default: a temp dir)")
     ap.add_argument("--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "lookalike-bench-models",
                     help="ONNX exports, kept between runs")
-    ap.add_argument("--child", nargs=9, help=argparse.SUPPRESS)
+    ap.add_argument("--child", nargs=10, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        spec_file, rows_file, backend, threads, shard, shards, limit, passes, repeat = args.child
+        spec_file, rows_file, backend, threads, shard, shards, limit, passes, repeat, labels = args.child
         child(Path(spec_file), Path(rows_file), backend, int(threads), int(shard), int(shards), int(limit),
-              args.batch, args.cache_dir, int(passes), int(repeat))
+              args.batch, args.cache_dir, int(passes), int(repeat), labels == "1")
         return
 
     work = args.work or Path(tempfile.mkdtemp(prefix="lookalike-bench-embed-"))
@@ -310,6 +323,13 @@ def main() -> None:
 
 def bench(args: argparse.Namespace, work: Path) -> None:
     from lookalike.driver.stages import SparkStages
+
+    class Stages(SparkStages):
+        labels = True  # run_stage's switch: False runs the stage without labels (head skipped)
+
+        def _embed_settings(self, spec: registry.ModelSpec) -> embed.EmbedSettings:
+            settings = super()._embed_settings(spec)
+            return dataclasses.replace(settings, labels=settings.labels and self.labels)
 
     home = work / "home"
     shutil.rmtree(Layout(home).all_stages, ignore_errors=True)
@@ -330,10 +350,11 @@ def bench(args: argparse.Namespace, work: Path) -> None:
     config = work / "bench.toml"
     config.write_text(f'[embed]\nbackend = "onnx"\nbatch_size = {args.batch}\n')
     os.environ["LOOKALIKE_SPARK_MASTER"] = f"local[{CORES}]"
-    runner = SparkStages(load_config(config, home), Layout(home))  # the embed stage needs no catalog
+    runner = Stages(load_config(config, home), Layout(home))  # the embed stage needs no catalog
     started = time.perf_counter()
     exported = not runtime.onnx_path(spec, args.cache_dir).exists()
-    runner._embed_settings(spec)  # the driver's one-time ONNX export (verified on these thumbnails)
+    if not runner._embed_settings(spec).labels:  # the driver's one-time ONNX export (verified on these
+        raise SystemExit(f"{spec.model_ver} gives no labels")  # thumbnails) and zero-shot text vectors
     export_s = time.perf_counter() - started
     args.spec_file, args.rows_file = work / "spec.pickle", work / "rows.pickle"
     args.spec_file.write_bytes(pickle.dumps(spec))
@@ -348,12 +369,19 @@ def bench(args: argparse.Namespace, work: Path) -> None:
           f"started in {spark_s:.1f} s; one-time ONNX export: {export}", flush=True)
     n = rows.num_rows
     cold = run_stage(runner, rows, spec, "cold")
+    # With and without labels in A-B-B-A order: a machine whose speed drifts favours neither.
     warm = [run_stage(runner, rows, spec, "warm-1")]
+    plain = [run_stage(runner, rows, spec, "plain-1", labels=False)]
     raw21 = raw_forward(args, "onnx", 1, CORES, n)
+    raw21_labels = raw_forward(args, "onnx", 1, CORES, n, labels=True)
     raw12 = raw_forward(args, "onnx", CORES, 1, n)
+    plain.append(run_stage(runner, rows, spec, "plain-2", labels=False))
     warm.append(run_stage(runner, rows, spec, "warm-2"))
     steady = max(warm, key=lambda s: s["rate"])
+    steady_plain = max(plain, key=lambda s: s["rate"])
     large = run_stage(runner, reused(rows, args.large), spec, "large") if args.large else None
+    large_plain = run_stage(runner, reused(rows, args.large), spec, "large-plain", labels=False) \
+        if args.large else None
     # The manifest-sized run is one long run: its reference is the raw forward as one pass of as
     # many images (the same batches over and over), run next to it, not the best of the short passes.
     repeat = max(1, round(args.large / n))
@@ -366,9 +394,13 @@ def bench(args: argparse.Namespace, work: Path) -> None:
     for label, r, secs in (
         ("embed stage, cold (worker start + model load)", cold, cold["seconds"]),
         ("embed stage, steady state (best of 2 warm runs)", steady, steady["seconds"]),
+        ("embed stage, steady state, no labels", steady_plain, steady_plain["seconds"]),
         *([(f"embed stage, {args.large} rows (each thumbnail {args.large / n:g}x)", large,
-            large["seconds"])] if large else []),
+            large["seconds"]),
+           (f"embed stage, {args.large} rows, no labels", large_plain, large_plain["seconds"])]
+          if large else []),
         (f"raw forward, {CORES} processes x 1 thread", raw21, None),
+        (f"raw forward, {CORES} processes x 1 thread, with labels", raw21_labels, None),
         (f"raw forward, 1 process x {CORES} threads", raw12, None),
     ):
         print(f"{label:<54}{r['rate']:>8.1f}{secs or n / r['rate']:>7.1f}"
@@ -409,6 +441,26 @@ def bench(args: argparse.Namespace, work: Path) -> None:
                     min(r21["cpu_ms"], r12["cpu_ms"]) / stage_cpu)]
     for label, value in ratios:
         print(f"{label}: {value:.2f}x, target 0.8x {'MET' if value >= 0.8 else 'NOT met'}")
+
+    print("\nlabels (top-5 beside every vector) vs none, the same run, A-B-B-A order; target: within 5%:")
+    label_rows = [("steady stage", steady, steady_plain, n),
+                  *([(f"{args.large}-row stage", large, large_plain, args.large)] if large else [])]
+    for label, with_, without, rows_n in label_rows:
+        cpu = {k: sum(run[c] for c in ("cpu_workers", "cpu_jvm", "cpu_driver")) * 1000 / rows_n
+               for k, run in (("with", with_), ("without", without))}
+        speed = with_["rate"] / without["rate"]
+        cpu_ratio = cpu["with"] / cpu["without"]
+        print(f"  {label}: {with_['rate']:.1f} vs {without['rate']:.1f} img/s = {speed:.3f}x "
+              f"(target >= 0.95x: "
+              f"{'MET' if speed >= 0.95 else 'NOT met'}); CPU ms per image {cpu['with']:.2f} vs "
+              f"{cpu['without']:.2f} = {cpu_ratio:.3f}x (the idle-machine ratio; target <= 1.05x: "
+              f"{'MET' if cpu_ratio <= 1.05 else 'NOT met'})")
+    print("  warm runs with labels: " + ", ".join(f"{w['rate']:.1f}" for w in warm) + " img/s; without: "
+          + ", ".join(f"{w['rate']:.1f}" for w in plain) + " img/s")
+    print(f"  raw forward {CORES}x1: {raw21_labels['rate']:.1f} img/s with labels (embed_labelled) vs "
+          f"{raw21['rate']:.1f} without = {raw21_labels['rate'] / raw21['rate']:.3f}x; CPU ms per image "
+          f"{raw21_labels['cpu_ms']:.2f} vs {raw21['cpu_ms']:.2f} = "
+          f"{raw21_labels['cpu_ms'] / raw21['cpu_ms']:.3f}x")
 
     workers = cold["workers"] | steady["workers"]
     reuse = ("the same processes in every run: one model load per worker"

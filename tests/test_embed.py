@@ -1,7 +1,9 @@
-"""The embed stage's worker side on real photos: exact preprocessing, batches, errors, task sizing."""
+"""The embed stage's worker side on real photos: exact preprocessing, batches, errors, labels, task sizing."""
 
 from __future__ import annotations
 
+import csv
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +14,11 @@ import pytest
 from conftest import IMAGENET, UKBENCH
 from PIL import Image
 
-from lookalike.db.load import _vector_rows
+from lookalike.db.load import _vector_rows, copy_embeddings
+from lookalike.labels import classes_under
+from lookalike.labels import load as label_hierarchy
 from lookalike.models import preprocess, registry, runtime, tf_preprocess
+from lookalike.stages import schemas
 from lookalike.stages.embed import (
     EmbedSettings,
     embed_batches,
@@ -86,7 +91,7 @@ def test_effnet_transform_is_bit_identical_to_tf_arithmetic(effnet: registry.Mod
             ref = _tf_efficientnet_reference(image, pp)
             assert np.array_equal(out, ref), (image.mode, image.size)
             assert np.array_equal(preprocess.preprocess_image(image, pp), ref), (image.mode, image.size)
-    embedder = runtime.Embedder(effnet, "none", lambda px: px, threads=1, batch_size=8)
+    embedder = runtime.Embedder(effnet, "none", lambda px, logits: (px, None), threads=1, batch_size=8)
     batch = images[:20]
     assert np.array_equal(embedder.preprocess(batch),
                           np.stack([_tf_efficientnet_reference(im, effnet.preprocess) for im in batch]))
@@ -138,11 +143,18 @@ def test_embed_batches_vectors_and_errors(effnet: registry.ModelSpec, tmp_path: 
                     if i != 4])
     assert got.shape == (5, 1280) and got.dtype == np.float32
     assert (got * expected).sum(1).min() >= 0.9999  # the reference pipeline's vectors
+    # Each image's top-5 labels beside its vector, from the same forward; none for a failure.
+    assert failed["labels"].isna().all() and failed["label_scores"].isna().all()
+    reference = runtime.get_embedder(effnet, backend="torch", threads=1).label_images(
+        [im for i, im in enumerate(thumbs) if i != 4])
+    for n, sha in enumerate(s for i, s in enumerate(rows["sha256"]) if i != 4):
+        labels, scores = ok.loc[sha, "labels"], ok.loc[sha, "label_scores"]
+        assert labels.dtype == np.int16 and scores.dtype == np.float32 and len(labels) == len(scores) == 5
+        assert labels[0] == reference.labels[n, 0] and np.abs(scores - reference.scores[n]).max() < 1e-3
 
     # Read back from the stage's Parquet: list<float> again, nulls where an image failed.
-    stage = pa.Table.from_pandas(out, schema=pa.schema([("sha256", pa.string()), ("model_ver", pa.string()),
-                                                        ("vector", pa.binary()), ("error", pa.string()),
-                                                        ("message", pa.string())]), preserve_index=False)
+    stage = pa.Table.from_pandas(out, schema=schemas.EMBEDDINGS, preserve_index=False)
+    assert stage["labels"].null_count == 2 and stage["labels"].type == pa.list_(pa.int16())
     for table in (stage, stage.slice(1)):  # a sliced column: offsets not starting at 0
         vectors = embeddings_table(table)["vector"]
         assert vectors.type == pa.list_(pa.float32())
@@ -154,6 +166,102 @@ def test_embed_batches_vectors_and_errors(effnet: registry.ModelSpec, tmp_path: 
         rows = [r for b in batches for r in _vector_rows(b["vector"])]
         for blob, vec in zip(table["vector"].to_pylist(), rows, strict=True):
             assert vec is None if blob is None else np.array_equal(vec, np.frombuffer(blob, np.float32))
+    # The labels pass through as the schema types them, also from Spark's Parquet (list item 'element')
+    # and from a stage output written before labels (no such columns: all null).
+    spark_like = stage.set_column(stage.schema.get_field_index("labels"), "labels", stage["labels"].cast(
+        pa.list_(pa.field("element", pa.int16()))))
+    read = embeddings_table(spark_like)
+    assert read.schema.field("labels").type.value_field.name == "item"
+    assert read["labels"].to_pylist() == stage["labels"].to_pylist()
+    old = embeddings_table(stage.drop_columns(["labels", "label_scores"]))
+    assert old.schema.names == schemas.EMBEDDINGS.names and old["labels"].null_count == old.num_rows
+
+    # The catalog load reads the columns it knows by name: the extra ones change nothing there.
+    class Copy:
+        def __init__(self) -> None:
+            self.rows: list[list[object]] = []
+
+        def __enter__(self) -> Copy:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+        def set_types(self, types: list[str]) -> None:
+            pass
+
+        def write_row(self, row: list[object]) -> None:
+            self.rows.append(row)
+
+    class Cursor:
+        copied = Copy()
+
+        def execute(self, sql: str, params: object = None) -> None:
+            pass
+
+        def copy(self, sql: str) -> Copy:
+            return self.copied
+
+    cursor = Cursor()
+    copy_embeddings(cursor, read, "bytea", 1)  # type: ignore[arg-type]
+    assert [r[0] for r in cursor.copied.rows] == stage["sha256"].to_pylist()
+    assert [r[2] for r in cursor.copied.rows] == stage["vector"].to_pylist()
+
+
+def embed_photos(tmp_path: Path, settings: EmbedSettings, files: list[str]) -> pd.DataFrame:
+    """embed_batches' rows for the thumbnails of imagenet-dev `files`, in input order."""
+    extract = ExtractSettings(str(tmp_path / "thumbs"))
+    features = [extract_file(str(IMAGENET / f), extract) for f in files]
+    rows = pd.DataFrame({k: [f[k] for f in features] for k in ("sha256", "thumb", "path")})
+    out = pd.concat(embed_batches(iter([rows]), settings, extract), ignore_index=True)
+    assert out["sha256"].tolist() == rows["sha256"].tolist() and out["error"].isna().all()
+    return out
+
+
+def test_labels_for_every_embedded_image(effnet: registry.ModelSpec, tmp_path: Path) -> None:
+    """Real photos through the stage: every image gets 5 labels, and its top-1 label's coarse category
+    (categories.csv) is mostly right, as the classifier is on the originals (test_labels)."""
+    table = [r for r in csv.DictReader((IMAGENET / "categories.csv").open()) if r["category"] != "other"]
+    picked = table[::31][:16]
+    settings = EmbedSettings(effnet, "torch", str(tmp_path / "models"), batch_size=8, threads=2)
+    out = embed_photos(tmp_path, settings, [r["file"] for r in picked])
+    assert len(out) == 16
+    assert all(len(labels) == 5 and len(scores) == 5 and np.all(np.diff(scores) <= 0)
+               for labels, scores in zip(out["labels"], out["label_scores"], strict=True))
+    top1 = [int(labels[0]) for labels in out["labels"]]
+    right = [t in classes_under(r["category"]) for t, r in zip(top1, picked, strict=True)]
+    names = label_hierarchy().names
+    assert sum(right) >= 13, [(names[t], r["category"]) for t, r in zip(top1, picked, strict=True)]
+
+    # labels=False (bench/embed.py's switch) skips the head: the same vectors, null labels.
+    plain = embed_photos(tmp_path, dataclasses.replace(settings, labels=False), [r["file"] for r in picked])
+    assert plain["labels"].isna().all() and plain["label_scores"].isna().all()
+    for a, b in zip(plain["vector"], out["vector"], strict=True):
+        assert np.array_equal(np.frombuffer(a, np.float32), np.frombuffer(b, np.float32))
+
+
+def test_clip_model_labels_every_image_zero_shot(tmp_path: Path) -> None:
+    """The CLIP path: a small open_clip model with random weights, built offline, gives 5 labels an image."""
+    from lookalike.models.torch_compat import ensure_torchvision
+
+    ensure_torchvision()
+    import open_clip
+    import torch
+
+    torch.manual_seed(0)
+    ckpt = tmp_path / "small-clip-random.pt"
+    torch.save(open_clip.create_model("ViT-S-32-alt").state_dict(), ckpt)
+    spec = registry.resolve_model(f"open_clip:ViT-S-32-alt:{ckpt}")
+    models = tmp_path / "models"
+    assert runtime.ensure_labels(spec, models, threads=2)  # the driver's step: the text vectors, once
+    settings = EmbedSettings(spec, "torch", str(models), batch_size=4, threads=2)
+    files = [p.name for p in sorted(IMAGENET.glob("*.JPEG"))[::100]]
+    out = embed_photos(tmp_path, settings, files)
+    assert len(out) == len(files) == 5
+    for labels, scores in zip(out["labels"], out["label_scores"], strict=True):
+        assert labels.dtype == np.int16 and len(labels) == len(set(labels.tolist())) == 5
+        assert np.all((labels >= 0) & (labels < 1000)) and np.all(np.diff(scores) <= 0)
+        assert 0 < scores.sum() <= 1 + 1e-5
 
 
 @pytest.mark.parametrize(("rows", "cores", "batch", "tasks"), [

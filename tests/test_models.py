@@ -228,8 +228,9 @@ def test_effnet_reference_transform_classifies_imagenet(effnet: registry.ModelSp
     state = torch.load(effnet.checkpoint, map_location="cpu", weights_only=True)
     pixels = np.stack([preprocess.preprocess_image(Image.open(p), effnet.preprocess) for p in paths])
     with torch.inference_mode():
-        pooled = image_module(torch.from_numpy(pixels))
+        pooled, head_logits = image_module(torch.from_numpy(pixels))  # one forward: features and logits
         logits = pooled @ state["_fc.weight"].T + state["_fc.bias"]
+    assert (head_logits - logits).abs().max().item() < 1e-4  # the head is the checkpoint's _fc, exactly
     truth = torch.tensor([class_of[p.name.split("_")[0]] for p in paths])
     assert (logits.argmax(1) == truth).float().mean().item() >= 0.8  # 89% on all 500
 
@@ -374,3 +375,122 @@ def test_corrupt_or_mismatched_checkpoint_names_the_file(small_clip_ckpt: Path, 
     with pytest.raises(registry.CheckpointError,
                        match=f"cannot load {small_clip_ckpt} as open_clip ViT-S-32"):
         runtime.get_embedder(other_arch, backend="torch")
+
+
+# ----------------------------------------------------------------------------- labels
+
+
+def test_onnx_export_carries_features_and_logits(effnet: registry.ModelSpec, effnet_onnx: runtime.Embedder,
+                                                 effnet_torch: runtime.Embedder, onnx_dir: Path) -> None:
+    """One graph, two outputs: the ONNX and torch backends give the same vectors and the same labels."""
+    import onnx
+
+    model = onnx.load(runtime.onnx_path(effnet, onnx_dir))
+    assert [o.name for o in model.graph.output] == ["features", "logits"]
+    assert {p.key: p.value for p in model.metadata_props}["outputs"] == "features,logits"
+    assert runtime.export_is_current(effnet, onnx_dir)
+    images = photos(12, 41)  # not a multiple of the batch: the last batch is short
+    a, b = effnet_torch.label_images(images), effnet_onnx.label_images(images)
+    assert b.labels.shape == b.scores.shape == (12, 5)
+    assert b.labels.dtype == np.int16 and b.scores.dtype == np.float32
+    assert np.abs(a.vectors - b.vectors).max() < 1e-4
+    assert np.array_equal(a.labels[:, 0], b.labels[:, 0]) and np.abs(a.scores - b.scores).max() < 1e-4
+    assert np.all(np.diff(b.scores, axis=1) <= 0) and np.all(b.scores.sum(1) <= 1 + 1e-5)
+    # The vectors are those of embed_pixels: labels change nothing about them.
+    assert np.array_equal(b.vectors, effnet_onnx.embed_images(images))
+    # The labels are the checkpoint's classifier: its own ImageNet class of most of these photos.
+    wnids = [p.name.split("_")[0] for p in sorted(IMAGENET.glob("*.JPEG"))[: 12 * 41 : 41]]
+    from lookalike.labels import load
+
+    right = [load().wnids[i] == w for i, w in zip(b.labels[:, 0], wnids, strict=True)]
+    assert sum(right) >= 9, right
+    empty = effnet_onnx.embed_labelled(effnet_onnx.preprocess([]))
+    assert empty.vectors.shape == (0, 1280) and empty.labels.shape == (0, 5)
+
+
+def test_features_only_export_is_exported_again(effnet: registry.ModelSpec, tmp_path: Path,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    """An export made before labels (features only, same model_ver, same file name) is not reused."""
+    import onnx
+
+    from lookalike.models.onnx_export import export_image_model
+
+    wrapped, _ = runtime.load_torch_model(effnet, threads=2)
+    pixels = np.stack([preprocess.preprocess_image(im, effnet.preprocess) for im in photos(4, 50)])
+    path = runtime.onnx_path(effnet, tmp_path)
+    export_image_model(wrapped.body, path, pixels, metadata={"model_ver": effnet.model_ver}, atol=1e-4)
+    assert [o.name for o in onnx.load(path).graph.output] == ["features"]
+    assert not runtime.export_is_current(effnet, tmp_path)  # what the driver's ensure_export checks
+    with caplog.at_level(logging.INFO, logger="lookalike.models"):
+        embedder = runtime.get_embedder(effnet, backend="onnx", cache_dir=tmp_path, threads=2,
+                                        verify_images=photos(4, 50))
+    assert "exported before labels" in caplog.text
+    assert [o.name for o in onnx.load(path).graph.output] == ["features", "logits"]
+    assert runtime.export_is_current(effnet, tmp_path)
+    assert embedder.has_labels() and embedder.label_images(photos(2, 7)).labels.shape == (2, 5)
+
+
+def test_clip_zero_shot_labels(small_clip_ckpt: Path, tmp_path: Path) -> None:
+    """A CLIP model labels zero-shot: softmax(100 * cosine) against 'a photo of a {name}' text vectors
+    of the same 1000 classes, made once per model_ver and kept beside the ONNX export."""
+    import open_clip
+    import torch
+
+    from lookalike.labels import load
+
+    spec = registry.resolve_model(f"open_clip:{SMALL_CLIP}:{small_clip_ckpt}")
+    cache = tmp_path / "models"
+    assert runtime.ensure_labels(spec, cache, threads=2)  # the driver's step
+    text_file = runtime.label_text_path(spec, cache)
+    assert text_file.parent == cache and text_file.name.startswith(spec.model_ver.replace(":", "_"))
+    text = np.load(text_file)
+    assert text.shape == (1000, spec.dim) and np.allclose(np.linalg.norm(text, axis=1), 1, atol=1e-5)
+    mtime = text_file.stat().st_mtime_ns
+
+    images = photos(5, 97)
+    onnx_embedder = runtime.get_embedder(spec, backend="onnx", cache_dir=cache, threads=2,
+                                        verify_images=images)
+    torch_embedder = runtime.get_embedder(spec, backend="torch", cache_dir=cache, threads=2)
+    a, b = torch_embedder.label_images(images), onnx_embedder.label_images(images)
+    assert text_file.stat().st_mtime_ns == mtime  # read from the cache, not computed again
+    assert b.labels.shape == b.scores.shape == (5, 5) and b.labels.dtype == np.int16
+    assert np.array_equal(a.labels[:, 0], b.labels[:, 0]) and np.abs(a.scores - b.scores).max() < 1e-3
+
+    # Reference: open_clip's own model, tokenizer and zero-shot recipe.
+    model = open_clip.create_model(SMALL_CLIP, pretrained=str(small_clip_ckpt)).eval()
+    prompts = [f"a photo of a {name}" for name in load().names]
+    with torch.inference_mode():
+        ref_text = model.encode_text(open_clip.get_tokenizer(SMALL_CLIP)(prompts), normalize=True).numpy()
+        ref_images = model.encode_image(torch.from_numpy(torch_embedder.preprocess(images)),
+                                        normalize=True).numpy()
+    assert np.abs(text - ref_text).max() < 1e-5
+    logits = 100 * ref_images @ ref_text.T
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    assert np.array_equal(a.labels[:, 0], probs.argmax(1))
+    assert np.abs(np.take_along_axis(probs, a.labels.astype(int), 1) - a.scores).max() < 1e-4
+
+
+def test_clip_without_a_text_tower_gives_no_labels_said_once(small_clip_ckpt: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    import dataclasses
+
+    spec = dataclasses.replace(registry.resolve_model(f"open_clip:{SMALL_CLIP}:{small_clip_ckpt}"),
+                               model_ver="open_clip:test@no-text-tower")
+
+    def no_tokenizer(*args: object) -> None:
+        raise OSError("tokenizer files not found offline")
+
+    monkeypatch.setattr(runtime, "_torch_text_encoder", no_tokenizer)
+    stub = runtime.Embedder(spec, "stub", lambda px, logits: (np.ones((len(px), spec.dim)), None), threads=1,
+                            batch_size=4, cache_dir=tmp_path)
+    with caplog.at_level(logging.WARNING, logger="lookalike.models"):
+        assert not runtime.ensure_labels(spec, tmp_path)
+        assert not stub.has_labels() and not stub.has_labels()
+    lines = [r.getMessage() for r in caplog.records if "no labels" in r.getMessage()]
+    assert len(lines) == 1 and "tokenizer files not found offline" in lines[0]
+    assert not runtime.label_text_path(spec, tmp_path).exists()
+    with pytest.raises(ValueError, match="gives no labels"):
+        stub.embed_labelled(np.zeros((1, 3, 224, 224), np.float32))
+    assert stub.embed_pixels(np.zeros((1, 3, 224, 224), np.float32)).shape == (1, spec.dim)

@@ -20,7 +20,7 @@ from PIL import Image
 from lookalike.config import Config
 from lookalike.layout import Layout, file_safe
 from lookalike.models.registry import ModelSpec
-from lookalike.models.runtime import ensure_export
+from lookalike.models.runtime import ensure_export, ensure_labels
 from lookalike.progress import stage
 from lookalike.stages import schemas
 from lookalike.stages.embed import (
@@ -109,7 +109,9 @@ class SparkStages:
         # before any executor needs the file.
         ensure_export(spec, e["backend"], self.layout.models, e["batch_size"],
                          lambda: [_rgb(p) for p in sorted(self.layout.thumbs.rglob("*.jpg"))[:8]])
-        return EmbedSettings(spec, e["backend"], str(self.layout.models), e["batch_size"])
+        # So are a CLIP model's zero-shot label vectors; a model that gives no labels says so here, once.
+        labels = ensure_labels(spec, self.layout.models)
+        return EmbedSettings(spec, e["backend"], str(self.layout.models), e["batch_size"], labels=labels)
 
 
 def _rgb(path: Path) -> Image.Image:

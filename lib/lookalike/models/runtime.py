@@ -5,10 +5,16 @@ get_embedder loads a spec once per process (Spark Python workers call it per bat
 verified against torch). Once the ONNX file exists, the ONNX path imports neither torch nor
 torchvision nor open_clip, so executors stay light. Text embedding (CLIP only) always runs the
 torch text tower, loaded on the first Embedder.embed_text call.
+
+Labels come from the same forward as the vectors (Embedder.embed_labelled): EfficientNet-Lite0's
+ImageNet classifier head is a second output of its graph (``logits`` beside ``features``); CLIP
+models label zero-shot, the image vectors against the text vectors of 'a photo of a {name}' for the
+same 1000 class names (lookalike.labels), computed once per model_ver and kept beside the ONNX export.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
@@ -16,12 +22,14 @@ import time
 import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 from PIL import Image
 
 from lookalike.errors import one_line
+from lookalike.files import replacing
+from lookalike.labels.hierarchy import softmax, top_k
 from lookalike.layout import file_safe
 from lookalike.models.preprocess import preprocess_image, write_image
 from lookalike.models.registry import TEXT_MODELS, CheckpointError, ModelSpec, _import_open_clip
@@ -44,6 +52,12 @@ log = logging.getLogger(__name__)
 _AUTO_BACKEND = {"effnet": "onnx", "open_clip": "onnx"}
 _ONNX_ATOL = 1e-4  # max abs difference to torch on L2-normalised outputs, checked at export
 
+TOP_LABELS = 5  # labels kept per image
+# CLIP zero-shot: the prompt of CLIP's own ImageNet evaluation, and its logit scale (the trained
+# temperature, clamped at 100): probabilities are softmax(100 * cosine) over the 1000 classes.
+ZERO_SHOT_PROMPT = "a photo of a {}"
+ZERO_SHOT_SCALE = 100.0
+_TEXT_BATCH = 100  # prompts through the text tower at a time
 
 
 def default_threads() -> int:
@@ -67,22 +81,62 @@ def onnx_path(spec: ModelSpec, cache_dir: str | Path) -> Path:
     return Path(cache_dir) / (file_safe(spec.model_ver) + ".onnx")
 
 
-ImageForward = Callable[[np.ndarray], np.ndarray]  # (n, 3, H, W) float32 -> (n, dim) raw features
+def onnx_outputs(spec: ModelSpec) -> tuple[str, ...]:
+    """The outputs the export of ``spec`` has: EfficientNet's classifier logits beside the features."""
+    return ("features", "logits") if spec.family == "effnet" else ("features",)
+
+
+def label_source(spec: ModelSpec) -> str | None:
+    """Where ``spec``'s labels come from: its "classifier" head, "zero-shot" text vectors, or None."""
+    if spec.family == "effnet":
+        return "classifier"
+    return "zero-shot" if spec.supports_text else None
+
+
+def zero_shot_prompts() -> list[str]:
+    """One prompt per class of lookalike.labels, in class index order."""
+    from lookalike.labels import load
+
+    return [ZERO_SHOT_PROMPT.format(name) for name in load().names]
+
+
+def label_text_path(spec: ModelSpec, cache_dir: str | Path) -> Path:
+    """The zero-shot text vectors of ``spec``: one file per model_ver and prompt set, beside the export."""
+    digest = hashlib.sha256("\n".join(zero_shot_prompts()).encode()).hexdigest()[:8]
+    return Path(cache_dir) / f"{file_safe(spec.model_ver)}.labels-{digest}.npy"
+
+
+class Labelled(NamedTuple):
+    """Vectors and their top labels, from one forward."""
+
+    vectors: np.ndarray  # (n, dim) float32, L2-normalised
+    labels: np.ndarray  # (n, k) int16 class indices into lookalike.labels' 1000 classes, most probable first
+    scores: np.ndarray  # (n, k) float32 probabilities of those classes
+
+
+# (n, 3, H, W) float32, and whether logits are wanted -> ((n, dim) raw features, (n, 1000) logits or None)
+ImageForward = Callable[[np.ndarray, bool], tuple[np.ndarray, "np.ndarray | None"]]
 
 
 class Embedder:
     """A loaded model. Get one with :func:`get_embedder`, which loads each model once per process."""
 
     def __init__(self, spec: ModelSpec, backend: str, image_forward: ImageForward, *, threads: int,
-                 batch_size: int, clip_model: torch.nn.Module | None = None) -> None:
+                 batch_size: int, clip_model: torch.nn.Module | None = None,
+                 cache_dir: str | Path | None = None) -> None:
         self.spec = spec
         self.backend = backend
         self.threads = threads
         self.batch_size = batch_size
+        self.label_source = label_source(spec)
         self._image_forward = image_forward
         self._clip_model = clip_model  # the torch backend's open_clip model, reused for text
         self._encode_text: Callable[[list[str]], np.ndarray] | None = None
         self._text_lock = threading.Lock()
+        self._cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+        self._label_text: np.ndarray | None = None  # zero-shot: (1000, dim) normalised prompt vectors
+        self._labels_failed = False
+        self._labels_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"Embedder({self.spec.model_ver}, backend={self.backend}, threads={self.threads})"
@@ -98,9 +152,51 @@ class Embedder:
 
     def embed_pixels(self, pixels: np.ndarray) -> np.ndarray:
         """(n, dim) float32 L2-normalised embeddings of already preprocessed images."""
-        chunks = [self._image_forward(pixels[i : i + self.batch_size])
+        chunks = [self._image_forward(pixels[i : i + self.batch_size], False)[0]
                   for i in range(0, len(pixels), self.batch_size)]
         return l2_normalize(np.concatenate(chunks) if chunks else np.empty((0, self.spec.dim), np.float32))
+
+    def has_labels(self) -> bool:
+        """Whether embed_labelled can label: always for a classifier head; for a CLIP model once its
+        zero-shot text vectors are at hand (made on the first call when missing). A text tower that
+        cannot load means no labels, logged once per model_ver."""
+        if self.label_source != "zero-shot":
+            return self.label_source == "classifier"
+        with self._labels_lock:
+            if self._label_text is None and not self._labels_failed:
+                try:
+                    self._label_text = label_text_vectors(self.spec, self._cache_dir, self.embed_text)
+                except Exception as exc:
+                    self._labels_failed = True
+                    _no_labels(self.spec, exc)
+        return self._label_text is not None
+
+    def embed_labelled(self, pixels: np.ndarray, k: int = TOP_LABELS) -> Labelled:
+        """Embeddings of preprocessed images and their top-k labels, from the same forward."""
+        if not self.has_labels():
+            raise ValueError(f"{self.spec.model_ver} gives no labels (see the log)")
+        vectors, labels, scores = [], [], []
+        for i in range(0, len(pixels), self.batch_size):
+            features, logits = self._image_forward(pixels[i : i + self.batch_size],
+                                                   self.label_source == "classifier")
+            vectors.append(l2_normalize(features))
+            if logits is None:  # zero-shot: cosine to each class's prompt
+                logits = ZERO_SHOT_SCALE * (vectors[-1] @ self._label_text.T)
+            top, probs = top_k(softmax(logits), k)
+            labels.append(top.astype(np.int16))
+            scores.append(probs)
+        if not vectors:
+            return Labelled(np.empty((0, self.spec.dim), np.float32), np.empty((0, k), np.int16),
+                            np.empty((0, k), np.float32))
+        return Labelled(np.concatenate(vectors), np.concatenate(labels), np.concatenate(scores))
+
+    def label_images(self, images: Sequence[Image.Image], k: int = TOP_LABELS) -> Labelled:
+        """embed_labelled of images; preprocessing runs per batch to bound memory."""
+        parts = [self.embed_labelled(self.preprocess(images[i : i + self.batch_size]), k)
+                 for i in range(0, len(images), self.batch_size)]
+        if not parts:
+            return self.embed_labelled(self.preprocess([]), k)
+        return Labelled(*(np.concatenate(column) for column in zip(*parts, strict=True)))
 
     def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
         """(n, dim) float32 L2-normalised embeddings; preprocessing runs per batch to bound memory."""
@@ -130,7 +226,8 @@ def get_embedder(spec: ModelSpec, *, backend: str = "auto", cache_dir: str | Pat
     """The process-wide embedder for ``spec``: loaded on the first call, the same object afterwards.
 
     backend: "torch", "onnx" or "auto" (the faster one for the model family, see _AUTO_BACKEND).
-    cache_dir: where ONNX exports live (``<home>/models``); default :func:`default_cache_dir`.
+    cache_dir: where ONNX exports and zero-shot label vectors live (``<home>/models``); default
+    :func:`default_cache_dir`.
     threads: intra-op threads (default :func:`default_threads`); give each Spark worker its share.
     verify_images: real photos (thumbnails) to check an ONNX export against torch; only used when
     the export does not exist yet. Call this once on the driver before the executors need the file.
@@ -141,7 +238,9 @@ def get_embedder(spec: ModelSpec, *, backend: str = "auto", cache_dir: str | Pat
         raise ValueError(f"unknown embedding backend {backend!r}: use 'auto', 'torch' or 'onnx'")
     threads = threads or default_threads()
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    key = (spec, backend, str(cache) if backend == "onnx" else None, threads, batch_size)
+    # The cache also holds a CLIP model's zero-shot label vectors, for either backend (a torch model
+    # loaded twice is one copy: _TORCH_MODELS).
+    key = (spec, backend, str(cache), threads, batch_size)
     with _EMBEDDERS_LOCK:  # held while loading: concurrent first callers wait for one load
         embedder = _EMBEDDERS.get(key)
         if embedder is None:
@@ -149,10 +248,64 @@ def get_embedder(spec: ModelSpec, *, backend: str = "auto", cache_dir: str | Pat
             if backend == "onnx":
                 embedder = _load_onnx(spec, cache, threads, batch_size, verify_images)
             else:
-                embedder = _load_torch(spec, threads, batch_size)
+                embedder = _load_torch(spec, threads, batch_size, cache)
             log.info("loaded %s in %.1f s", embedder, time.perf_counter() - started)
             _EMBEDDERS[key] = embedder
     return embedder
+
+
+_WARNED_NO_LABELS: set[str] = set()
+
+
+def _no_labels(spec: ModelSpec, exc: BaseException) -> None:
+    if spec.model_ver not in _WARNED_NO_LABELS:
+        _WARNED_NO_LABELS.add(spec.model_ver)
+        log.warning("no labels for %s: its text tower cannot embed the class prompts (%s)", spec.model_ver,
+                    one_line(exc))
+
+
+def label_text_vectors(spec: ModelSpec, cache_dir: str | Path,
+                       encode: Callable[[list[str]], np.ndarray]) -> np.ndarray:
+    """(1000, dim) float32 normalised text vectors of the zero-shot prompts: read from the cache,
+    else computed with ``encode`` (prompts -> text vectors) and written there atomically."""
+    path = label_text_path(spec, cache_dir)
+    prompts = zero_shot_prompts()
+    if path.exists():
+        try:
+            cached = np.load(path)
+            if cached.shape == (len(prompts), spec.dim) and cached.dtype == np.float32:
+                return cached
+        except (OSError, ValueError):
+            pass
+        log.warning("%s is not a %dx%d float32 array: computing it again", path, len(prompts), spec.dim)
+    started = time.perf_counter()
+    vectors = l2_normalize(np.concatenate([encode(prompts[i : i + _TEXT_BATCH])
+                                           for i in range(0, len(prompts), _TEXT_BATCH)]))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with replacing(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, vectors)
+        tmp.chmod(0o644)  # executors may run as another user
+    log.info("zero-shot label vectors of %s: %d prompts in %.1f s, kept in %s", spec.model_ver,
+             len(prompts), time.perf_counter() - started, path)
+    return vectors
+
+
+def ensure_labels(spec: ModelSpec, cache_dir: str | Path, threads: int | None = None) -> bool:
+    """Make what labelling ``spec`` needs, once per model_ver, on the driver before executors need it
+    (a CLIP model's zero-shot text vectors); False when the model gives no labels (said once)."""
+    source = label_source(spec)
+    if source != "zero-shot":
+        return source == "classifier"
+    if label_text_path(spec, cache_dir).exists():
+        return True
+    try:
+        encode = _torch_text_encoder(spec, None, threads or default_threads())
+        label_text_vectors(spec, cache_dir, encode)
+    except Exception as exc:
+        _no_labels(spec, exc)
+        return False
+    return True
 
 
 Samples = Callable[[], Sequence[Image.Image]]  # real photos to verify a new export on, made only if needed
@@ -163,7 +316,7 @@ def catalog_embedder(spec: ModelSpec, backend: str, cache_dir: str | Path, batch
     """The embedder a catalog's runs and searches share: ONNX exports kept in `cache_dir`, and a
     new export checked against torch on `samples()` (the catalog's thumbnails, or the query)."""
     verify = None
-    if backend != "torch" and not onnx_path(spec, cache_dir).exists():
+    if backend != "torch" and not export_is_current(spec, cache_dir):
         verify = list(samples()) or None
     return get_embedder(spec, backend=backend, cache_dir=cache_dir, batch_size=batch_size,
                         verify_images=verify)
@@ -172,8 +325,25 @@ def catalog_embedder(spec: ModelSpec, backend: str, cache_dir: str | Path, batch
 def ensure_export(spec: ModelSpec, backend: str, cache_dir: str | Path, batch_size: int,
                   samples: Samples) -> None:
     """Make the ONNX export, once per model_ver, on the driver before any executor needs it."""
-    if backend != "torch" and not onnx_path(spec, cache_dir).exists():
+    if backend != "torch" and not export_is_current(spec, cache_dir):
         catalog_embedder(spec, backend, cache_dir, batch_size, samples)
+
+
+def export_is_current(spec: ModelSpec, cache_dir: str | Path) -> bool:
+    """The export of ``spec`` exists and has every output it needs (an export made before labels
+    has no ``logits``; _load_onnx makes it again)."""
+    path = onnx_path(spec, cache_dir)
+    if not path.exists():
+        return False
+    if onnx_outputs(spec) == ("features",):
+        return True  # what every export has: no need to read it
+    import onnx
+
+    try:
+        outputs = {o.name for o in onnx.load(str(path), load_external_data=False).graph.output}
+    except Exception:
+        return False  # _load_onnx says what is wrong with it
+    return set(onnx_outputs(spec)) <= outputs
 
 
 def _load_onnx(spec: ModelSpec, cache: Path, threads: int, batch_size: int,
@@ -181,6 +351,30 @@ def _load_onnx(spec: ModelSpec, cache: Path, threads: int, batch_size: int,
     path = onnx_path(spec, cache)
     if not path.exists():
         _export_onnx(spec, path, threads, verify_images)
+    session = _onnx_session(path, threads)
+    outputs = onnx_outputs(spec)
+    have = [o.name for o in session.get_outputs()]
+    if not set(outputs) <= set(have):
+        log.info("%s has outputs %s, not %s (exported before labels): exporting it again", path, have,
+                 list(outputs))
+        _export_onnx(spec, path, threads, verify_images)
+        session = _onnx_session(path, threads)
+    exported_ver = session.get_modelmeta().custom_metadata_map.get("model_ver")
+    if exported_ver != spec.model_ver:
+        raise CheckpointError(f"{path} holds model_ver {exported_ver!r}, expected {spec.model_ver!r}; "
+                              "delete it to re-export")
+    input_name = session.get_inputs()[0].name
+    names = list(outputs)
+
+    def forward(pixels: np.ndarray, logits: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        out = session.run(names if logits else names[:1],
+                          {input_name: np.ascontiguousarray(pixels, dtype=np.float32)})
+        return out[0], out[1] if len(out) > 1 else None
+
+    return Embedder(spec, "onnx", forward, threads=threads, batch_size=batch_size, cache_dir=cache)
+
+
+def _onnx_session(path: Path, threads: int) -> Any:
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -193,16 +387,7 @@ def _load_onnx(spec: ModelSpec, cache: Path, threads: int, batch_size: int,
         session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     except Exception as exc:
         raise CheckpointError(f"{path} is not a loadable ONNX model ({exc}); delete it to re-export") from exc
-    exported_ver = session.get_modelmeta().custom_metadata_map.get("model_ver")
-    if exported_ver != spec.model_ver:
-        raise CheckpointError(f"{path} holds model_ver {exported_ver!r}, expected {spec.model_ver!r}; "
-                              "delete it to re-export")
-    input_name = session.get_inputs()[0].name
-
-    def forward(pixels: np.ndarray) -> np.ndarray:
-        return session.run(None, {input_name: np.ascontiguousarray(pixels, dtype=np.float32)})[0]
-
-    return Embedder(spec, "onnx", forward, threads=threads, batch_size=batch_size)
+    return session
 
 
 def _export_onnx(spec: ModelSpec, path: Path, threads: int,
@@ -216,22 +401,27 @@ def _export_onnx(spec: ModelSpec, path: Path, threads: int,
         verify_images = synthetic_photos(8)
     pixels = np.stack([preprocess_image(im, spec.preprocess) for im in verify_images[:16]])  # enough to judge
     diff = export_image_model(image_module, path, pixels, metadata={"model_ver": spec.model_ver},
-                              atol=_ONNX_ATOL)
+                              atol=_ONNX_ATOL, outputs=onnx_outputs(spec))
     log.info("exported %s to %s (max abs diff to torch %.1e on %d images)",
              spec.model_ver, path, diff, len(pixels))
 
 
-def _load_torch(spec: ModelSpec, threads: int, batch_size: int) -> Embedder:
+def _load_torch(spec: ModelSpec, threads: int, batch_size: int, cache: Path) -> Embedder:
     import torch
 
     image_module, clip_model = load_torch_model(spec, threads)
+    head = onnx_outputs(spec) == ("features", "logits")
 
-    def forward(pixels: np.ndarray) -> np.ndarray:
+    def forward(pixels: np.ndarray, logits: bool) -> tuple[np.ndarray, np.ndarray | None]:
         with torch.inference_mode():
             out = image_module(torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32)))
-        return (out[0] if isinstance(out, tuple) else out).numpy()  # CoCa's visual returns a tuple
+        if not isinstance(out, tuple):
+            return out.numpy(), None
+        # (features, logits) with a classifier head; CoCa's visual returns (pooled, tokens)
+        return out[0].numpy(), out[1].numpy() if head and logits else None
 
-    return Embedder(spec, "torch", forward, threads=threads, batch_size=batch_size, clip_model=clip_model)
+    return Embedder(spec, "torch", forward, threads=threads, batch_size=batch_size, clip_model=clip_model,
+                    cache_dir=cache)
 
 
 # Loaded torch models, held weakly: a torch embedder, an ONNX export and a text tower of the same
@@ -241,7 +431,8 @@ _TORCH_MODELS: weakref.WeakValueDictionary[ModelSpec, torch.nn.Module] = weakref
 
 def load_torch_model(spec: ModelSpec,
                      threads: int | None = None) -> tuple[torch.nn.Module, torch.nn.Module | None]:
-    """The reference torch model: (image module mapping pixels to raw features, open_clip model or None)."""
+    """The reference torch model: (image module, open_clip model or None). The image module maps pixels
+    to raw features; EfficientNet's to (raw features, ImageNet logits), see _with_classifier."""
     import torch
 
     torch.set_num_threads(threads or default_threads())
@@ -263,8 +454,9 @@ def _build_torch_model(spec: ModelSpec) -> torch.nn.Module:
         except Exception as exc:
             raise CheckpointError(f"cannot load {spec.checkpoint} as {spec.arch} weights: "
                                   f"{one_line(exc)}") from exc
+        head = model._fc
         model._fc = torch.nn.Identity()  # forward() then returns the pooled 1280-d features
-        return model.eval()
+        return _with_classifier(model, head).eval()
     open_clip = _import_open_clip()
     try:
         model = open_clip.create_model(spec.arch, pretrained=spec.checkpoint,
@@ -273,6 +465,24 @@ def _build_torch_model(spec: ModelSpec) -> torch.nn.Module:
         raise CheckpointError(f"cannot load {spec.checkpoint} as open_clip {spec.arch} weights: "
                               f"{one_line(exc)}") from exc
     return model.eval()
+
+
+def _with_classifier(body: torch.nn.Module, head: torch.nn.Module) -> torch.nn.Module:
+    """A module whose forward gives (body's features, head(features)): EfficientNet's pooled features
+    and its ImageNet logits in one pass. Exact in eval mode, where the dropout before ``_fc`` is the
+    identity (the original forward is pool -> dropout -> _fc)."""
+    import torch
+
+    class FeaturesAndLogits(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body, self.head = body, head
+
+        def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            features = self.body(pixels)
+            return features, self.head(features)
+
+    return FeaturesAndLogits()
 
 
 def _torch_text_encoder(spec: ModelSpec, clip_model: torch.nn.Module | None,

@@ -1,4 +1,4 @@
-"""The embed stage: 512-px thumbnails in, one L2-normalised vector per image out.
+"""The embed stage: 512-px thumbnails in, one L2-normalised vector and its top-5 labels per image out.
 
 It reads the thumbnails, never the originals (a missing thumbnail is re-derived from its
 original once). The model is loaded once per executor Python worker: get_embedder caches
@@ -14,6 +14,9 @@ the forward alone), so the work around it is kept small:
   compiled kernel, tf_preprocess: together 0.35 ms an image less than Pillow and numpy/scipy.
 - One task per core (embed_tasks), each reading its rows from a Parquet file the driver wrote
   (write_task_inputs): a task costs a fixed ~0.1-0.2 s besides its images.
+- Labels come from the same forward (the classifier head is one more output of the graph; CLIP
+  models compare the vector with text vectors made once per model_ver): softmax and top-5 in
+  numpy, a few microseconds an image (bench/embed.py measures the stage with and without them).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -59,6 +63,9 @@ class EmbedSettings:
     # Intra-op threads per worker. 0: the task's share of the cores (spark.task.cpus, usually 1):
     # Spark already runs one task per core, so more threads would only oversubscribe them.
     threads: int = 0
+    # Top-5 labels beside each vector (runtime.ensure_labels on the driver says whether the model
+    # gives any); False skips the classifier head and writes null labels.
+    labels: bool = True
 
 
 def task_cpus() -> int:
@@ -136,18 +143,20 @@ def embed_task_inputs(tasks: Iterator[pd.DataFrame], folder: str, settings: Embe
 
 def embed_batches(batches: Iterator[pd.DataFrame], settings: EmbedSettings,
                   extract: ExtractSettings) -> Iterator[pd.DataFrame]:
-    """mapInPandas body: rows (sha256, thumb, path) in, (sha256, model_ver, vector, error, message)
-    out, the vector as the bytes of a float32 array (schemas.EMBEDDINGS)."""
+    """mapInPandas body: rows (sha256, thumb, path) in, (sha256, model_ver, vector, error, message,
+    labels, label_scores) out, the vector as the bytes of a float32 array, the labels as int16 class
+    indices and float32 probabilities, most probable first (schemas.EMBEDDINGS)."""
     embedder = get_embedder(settings.spec, backend=settings.backend, cache_dir=settings.models_dir,
                             threads=settings.threads or task_cpus(), batch_size=settings.batch_size)
     model_ver = settings.spec.model_ver
+    labelled = settings.labels and embedder.has_labels()
     write_pixels = pixel_writer(settings.spec.preprocess)
     # One model batch of input, reused: its pixels are still in cache when the model reads them
     # (an array for a whole Arrow batch, 64 images or 38 MB, was 0.45 ms of CPU an image slower
     # at 10,000 images: its pixels had left the cache by the time the model read them).
     buffer = np.empty((settings.batch_size, 3, *settings.spec.preprocess.size), np.float32)
     for batch in batches:
-        rows: list[tuple[str, str, bytes | None, str | None, str | None]] = []
+        rows: list[tuple[Any, ...]] = []
         todo = zip(batch["sha256"], batch["thumb"], batch["path"], strict=True)
         while chunk := list(itertools.islice(todo, settings.batch_size)):
             ok: list[str] = []
@@ -155,23 +164,33 @@ def embed_batches(batches: Iterator[pd.DataFrame], settings: EmbedSettings,
                 try:
                     image = read_thumbnail(sha, thumb, path, extract)
                 except OSError as e:
-                    rows.append((sha, model_ver, None, IngestError.EMBED.value, one_line(e)))
+                    rows.append((sha, model_ver, None, IngestError.EMBED.value, one_line(e), None, None))
                     continue
                 write_pixels(image, buffer[len(ok)])
                 ok.append(sha)
-            vectors = embedder.embed_pixels(buffer[: len(ok)])
-            rows += [(sha, model_ver, v.tobytes(), None, None) for sha, v in zip(ok, vectors, strict=True)]
+            if labelled:
+                vectors, labels, scores = embedder.embed_labelled(buffer[: len(ok)])
+                rows += [(sha, model_ver, v.tobytes(), None, None, lab, score)
+                         for sha, v, lab, score in zip(ok, vectors, labels, scores, strict=True)]
+            else:
+                vectors = embedder.embed_pixels(buffer[: len(ok)])
+                rows += [(sha, model_ver, v.tobytes(), None, None, None, None)
+                         for sha, v in zip(ok, vectors, strict=True)]
         yield pd.DataFrame(rows, columns=schemas.EMBEDDINGS.names)
 
 
 def embeddings_table(stage: pa.Table) -> pa.Table:
     """The stage's Parquet output with its binary vectors as list<float> again: buffers reinterpreted,
-    no per-element conversion.
+    no per-element conversion; ``labels`` and ``label_scores`` as schemas.EMBEDDINGS types them (all
+    null in a stage output written before labels).
 
     A null vector (an error row) stays null; every other one is ``dim`` float32 values.
     """
-    if "vector" not in stage.column_names or not pa.types.is_binary(stage.schema.field("vector").type):
-        return stage  # no part file (nothing to embed) or already converted
+    if "vector" not in stage.column_names:
+        return stage  # no part file (nothing to embed)
+    stage = _label_columns(stage)
+    if not pa.types.is_binary(stage.schema.field("vector").type):
+        return stage  # already converted
     if stage.num_rows == 0:
         return stage.set_column(stage.schema.get_field_index("vector"), "vector",
                                 pa.array([], pa.list_(pa.float32())))
@@ -185,3 +204,13 @@ def embeddings_table(stage: pa.Table) -> pa.Table:
     vectors = pa.ListArray.from_arrays(pa.array(floats - floats[0], pa.int32()), values,
                                        mask=binary.is_null())
     return stage.set_column(stage.schema.get_field_index("vector"), "vector", vectors)
+
+
+def _label_columns(stage: pa.Table) -> pa.Table:
+    for name in ("labels", "label_scores"):
+        want = schemas.EMBEDDINGS.field(name).type
+        if name not in stage.column_names:
+            stage = stage.append_column(pa.field(name, want), pa.nulls(stage.num_rows, want))
+        else:  # Spark's Parquet names the list item 'element' (the types compare equal nonetheless)
+            stage = stage.set_column(stage.schema.get_field_index(name), name, stage[name].cast(want))
+    return stage

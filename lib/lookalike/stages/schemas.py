@@ -43,21 +43,27 @@ FEATURES = pa.schema([
     ("message", pa.string()),
 ])
 
-# embed -> embeddings: the vector as the bytes of a float32 array (no per-element conversion).
+# embed -> embeddings: the vector as the bytes of a float32 array (no per-element conversion), and
+# the image's top-5 labels from the same forward (models.runtime.Embedder.embed_labelled).
 EMBEDDINGS = pa.schema([
     ("sha256", pa.string()),
     ("model_ver", pa.string()),
     ("vector", pa.binary()),
     ("error", pa.string()),
     ("message", pa.string()),
+    # class indices into lookalike.labels' 1000 ImageNet classes, most probable first; null for an
+    # error row, or when the model gives no labels (a CLIP model whose text tower cannot load)
+    ("labels", pa.list_(pa.int16())),
+    ("label_scores", pa.list_(pa.float32())),  # their probabilities, same order
 ])
 
 _SPARK = {pa.string(): "string", pa.int64(): "long", pa.int32(): "int", pa.float64(): "double",
-          pa.binary(): "binary",
-          pa.timestamp("us", tz="UTC"): "timestamp", pa.list_(pa.int64()): "array<long>"}
+          pa.binary(): "binary", pa.timestamp("us", tz="UTC"): "timestamp",
+          pa.list_(pa.int64()): "array<long>", pa.list_(pa.int16()): "array<smallint>",
+          pa.list_(pa.float32()): "array<float>"}
 _POSTGRES = {pa.string(): "text", pa.int64(): "int8", pa.int32(): "int4", pa.float64(): "float8",
-             pa.binary(): "bytea",
-             pa.timestamp("us", tz="UTC"): "timestamptz"}
+             pa.binary(): "bytea", pa.timestamp("us", tz="UTC"): "timestamptz",
+             pa.list_(pa.int16()): "int2[]", pa.list_(pa.float32()): "float4[]"}
 
 
 def spark_ddl(schema: pa.Schema) -> str:
