@@ -161,8 +161,8 @@ def _copy_table(src: psycopg.Connection, dst: psycopg.Connection, table: str) ->
 
 
 def _bytea_value(value: object) -> object:
-    if isinstance(value, dict):
-        return Jsonb(value)  # runs.summary
+    if isinstance(value, dict) or (isinstance(value, list) and value and isinstance(value[0], list)):
+        return Jsonb(value)  # runs.summary, clusters.top_labels (text arrays stay arrays)
     return vector_to_db(value.to_numpy(), "bytea") if hasattr(value, "to_numpy") else value
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import shutil
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import pytest
 from conftest import IMAGENET, UKBENCH
 
 from lookalike import db
+from lookalike.cli import main
 from lookalike.config import Config
 from lookalike.db.load import copy_embeddings
 from lookalike.driver.ingest import run
@@ -62,10 +64,23 @@ def small_clip_ckpt(tmp_path: Path) -> Path:
     return path
 
 
-def test_assignments_survive_reruns_and_new_images_join(cfg: Config, archive: Path) -> None:
+def _category(name: str) -> str:
+    with open(IMAGENET / "categories.csv", newline="") as f:
+        return {r["file"]: r["category"] for r in csv.DictReader(f)}[name]
+
+
+def test_assignments_survive_reruns_and_new_images_join(cfg: Config, archive: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
     first = run(cfg, [str(archive)])
     assert first.clusters.created > 0
     one_row_per_embedded_image(cfg)
+    # Five labels for every embedded image, from the embedding's own forward pass; every category named.
+    (embedded,), = query(cfg, "SELECT count(*) FROM image_embeddings")
+    labelled = query(cfg, "SELECT count(*), count(DISTINCT image_id) FROM image_labels")
+    assert labelled == [(5 * embedded, embedded)]
+    assert query(cfg, "SELECT count(*) FROM clusters WHERE name IS NULL") == [(0,)]
+    (analysts,), = query(cfg, "SELECT id FROM clusters ORDER BY size DESC, id LIMIT 1")
+    assert main(["label", str(analysts), "my favourites", "--home", str(cfg.home)]) == 0
     before = dict(query(cfg, "SELECT image_id, cluster_id FROM image_cluster "
                              "WHERE image_id NOT IN (SELECT image_id FROM cluster_pool)"))
     assert run(cfg, [str(archive)]).counts.files == 0
@@ -79,6 +94,18 @@ def test_assignments_survive_reruns_and_new_images_join(cfg: Config, archive: Pa
     one_row_per_embedded_image(cfg)
     after = dict(query(cfg, "SELECT image_id, cluster_id FROM image_cluster"))
     assert all(after[i] == c for i, c in before.items()), "a settled image changed cluster"
+    # The analyst's name survived the run, which named the categories it touched automatically.
+    assert query(cfg, "SELECT name, name_source FROM clusters WHERE id = %s", analysts) == [
+        ("my favourites", "analyst")]
+    assert sum(second.joined.values()) == 30 and "joined" in second.describe()
+    # find on a real run: the imagenet birds among the catalogued photos, one path a line.
+    catalogued = [*sorted(IMAGENET.glob("*.JPEG"))[:70]]
+    birds = {p.name for p in catalogued if _category(p.name) == "bird"}
+    capsys.readouterr()
+    assert main(["find", "birds", "--home", str(cfg.home)]) == 0
+    found = {Path(line).name for line in capsys.readouterr().out.splitlines()}
+    assert len(birds) == 26 and len(found & birds) >= 0.8 * len(birds)
+    assert len(found - birds) <= 0.2 * len(found)
     # Sizes count settled members only; pooled images hold provisional rows.
     for cluster_id, size in query(cfg, "SELECT id, size FROM clusters"):
         (settled,), = query(cfg, "SELECT count(*) FROM image_cluster WHERE cluster_id = %s AND image_id "
@@ -91,6 +118,8 @@ def test_model_change_reclusters_from_thumbnails_only(cfg: Config, archive: Path
     run(cfg, [str(archive)])
     old_ver = active(cfg)
     (old_clusters,), = query(cfg, "SELECT count(*) FROM clusters WHERE model_ver = %s", old_ver)
+    (named,), = query(cfg, "SELECT id FROM clusters ORDER BY size DESC, id LIMIT 1")
+    assert main(["label", str(named), "holiday shots", "--home", str(cfg.home)]) == 0
     shutil.rmtree(archive)  # a recluster must not need a single original
     model = f"open_clip:{SMALL_CLIP}:{small_clip_ckpt}"
 
@@ -131,6 +160,15 @@ def test_model_change_reclusters_from_thumbnails_only(cfg: Config, archive: Path
     assert moved == summary.images
     (errors,), = query(cfg, "SELECT count(*) FROM ingest_errors WHERE error = 'embed'")
     assert errors == 0
+    # The new model labels every image again (zero-shot for CLIP) and names its categories; the
+    # analyst's name went to the new category that took half its members, or is listed to place.
+    assert query(cfg, "SELECT count(DISTINCT image_id) FROM image_labels WHERE model_ver = %s", new_ver) == [
+        (images,)]
+    carried = query(cfg, "SELECT count(*) FROM clusters WHERE model_ver = %s AND name = 'holiday shots' "
+                         "AND name_source = 'analyst'", new_ver)[0][0]
+    assert (carried == 1) != (summary.unplaced_names == ["holiday shots"])
+    unnamed = query(cfg, "SELECT count(*) FROM clusters WHERE model_ver = %s AND name IS NULL", new_ver)
+    assert unnamed == [(0,)]
 
 
 def test_a_doubled_catalog_is_clustered_again(cfg: Config, tmp_path: Path) -> None:

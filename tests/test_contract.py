@@ -28,12 +28,14 @@ DESIGN_QUERIES = [
     "SELECT image_id, cluster_id, joined_at, sim_score FROM image_cluster",
 ]
 # What version 1 called what version 2 renamed (table, v2 column, v1 column); None: new in v2.
+CAPTURE = ["taken_at", "taken_at_source", "taken_offset_min", "camera_make", "camera_model", "lens",
+           "orientation", "gps_lat", "gps_lon", "decode_path"]
 V1_COLUMNS = {
     "images": {"id": "image_id", "file_sha256": "sha256", "created_at": "first_seen_at",
-               "path_original": None},
+               "path_original": None, **dict.fromkeys(CAPTURE)},
     "image_hashes": {"phash64": "phash", "dhash64": "dhash", "ahash64": "ahash"},
     "image_embeddings": {"emb": "embedding"},
-    "clusters": {"id": "cluster_id"},
+    "clusters": {"id": "cluster_id", "name": None, "name_source": None, "top_labels": None},
     "image_cluster": {"joined_at": None},
 }
 V1_TABLES = ["runs", "manifests", "images", "image_hashes", "image_paths", "image_path_history",
@@ -107,6 +109,7 @@ def test_a_version_1_catalog_is_migrated_in_place_losing_nothing(home: Path) -> 
         assert conn.execute("SELECT count(*) FROM image_cluster WHERE joined_at IS NULL").fetchone() == (0,)
     after = snapshot(v1)
     assert (before["meta"].pop("schema_version"), after["meta"].pop("schema_version")) == ("1", "2")
+    assert after["other_tables"].pop("image_labels") == 0  # new in version 2
     assert after == before, difference(after, before)
     # A reader (a notebook) opening a version 1 catalog migrates it too.
     reader = _v1_copy(home, "lookalike_v1_reader")

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pytest
 from make_test_raw import NO_EXIF, Meta, exif_bytes, photo, write_dng, write_heif
 
-from lookalike import db
+from lookalike import Catalog, db
 from lookalike.config import Config
 from lookalike.driver.ingest import run
 from lookalike.driver.stages import SparkStages
@@ -107,6 +107,13 @@ def test_raw_heic_avif_are_catalogued_with_their_near_duplicate_jpegs(
         assert _cosine(cfg, a, b) >= 0.9, name
     # ...and nothing else: the four shots are different photos.
     assert len(pairs) == 4
+    # The copy to keep of a RAW and its JPEG is the RAW.
+    with Catalog(config=cfg) as cat:
+        groups = cat.groups()
+    for raw in ("raw_preview", "raw_demosaic"):
+        (group_id,) = groups.loc[groups["path"] == str(archive[raw]), "group_id"]
+        group = groups[groups["group_id"] == group_id]
+        assert group.loc[group["keep"], "path"].tolist() == [str(archive[raw])]
 
     # The features stage (Spark's Parquet) carries the capture columns. Spark writes timestamps
     # as naive (UTC) nanoseconds: cast back as db/load.py does for mtime.

@@ -7,8 +7,9 @@ ACTIVE_VER = "(SELECT value FROM catalog_meta WHERE key = 'active_model_ver')"
 # The lexically first path of an image (the one the pipeline describes it by), via the path index.
 FIRST_PATH = "(SELECT min(p.path) FROM image_paths p WHERE p.image_id = {0})"
 PATH_COUNT = "(SELECT count(*) FROM image_paths p WHERE p.image_id = {0})"
-# Which of near-duplicate images to keep (or list first): the largest resolution, then the most bytes.
-KEEP_ORDER = "i.width::bigint * i.height DESC, i.bytes DESC, i.id"
+# Which of near-duplicate images to keep (or list first): a camera RAW (the master of a RAW+JPEG
+# pair), then the largest resolution, then the most bytes.
+KEEP_ORDER = "starts_with(i.format, 'raw:') DESC, i.width::bigint * i.height DESC, i.bytes DESC, i.id"
 
 
 def hamming_sql(a: str, b: str) -> str:

@@ -241,15 +241,20 @@ ORDER BY cluster_id, rank""", {"cid": cluster_id, "limit": limit})
     # -- labels and names -----------------------------------------------------------------
     def find(self, word: str, limit: int | None = 100) -> pd.DataFrame:
         """Images whose labels fall under `word` in the label hierarchy (`find dog` finds every
-        breed), best first: image_id, label, score, cluster_id, category, path. A word that names
-        nothing raises lookalike.labels.UnknownWordError, which suggests the closest names."""
+        breed), best first: image_id, label (its likeliest under the word), score (the probability
+        of its top-5 labels under the word), cluster_id, category, path. An image matches when its
+        top label is under the word or its top 5 put half their probability there
+        (lookalike.labels.find_mask). A word that names nothing raises UnknownWordError, which
+        suggests the closest names."""
         classes = sorted(classes_under(word))
         return self.sql(
             f"""
 SELECT l.image_id, l.label, l.score, ic.cluster_id, c.name AS category,
        {FIRST_PATH.format('l.image_id')} AS path
-FROM (SELECT DISTINCT ON (image_id) image_id, label, score FROM image_labels
-      WHERE model_ver = {ACTIVE_VER} AND class_id = ANY(%(classes)s) ORDER BY image_id, score DESC) l
+FROM (SELECT image_id, (array_agg(label ORDER BY score DESC))[1] AS label, sum(score)::float8 AS score
+      FROM image_labels WHERE model_ver = {ACTIVE_VER} AND class_id = ANY(%(classes)s) GROUP BY image_id
+      -- its most likely label is under the word, or its top-5 put half their probability there
+      HAVING bool_or(rank = 1) OR sum(score) >= 0.5) l
 LEFT JOIN image_cluster ic ON ic.image_id = l.image_id AND ic.model_ver = {ACTIVE_VER}
 LEFT JOIN clusters c ON c.id = ic.cluster_id
 ORDER BY l.score DESC, l.image_id LIMIT %(limit)s""", {"classes": classes, "limit": limit})
