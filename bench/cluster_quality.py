@@ -102,19 +102,16 @@ def run_incremental(x: np.ndarray, cfg: ClusterConfig, n_batches: int = 5, refit
     """
     parts = np.array_split(np.arange(len(x)), n_batches)
     labels = np.full(len(x), -1, dtype=np.int64)
-    pool = np.empty(0, dtype=np.int64)  # image indices still pooled
     n_fit = 0
     for i, part in enumerate(parts):
         seen = np.concatenate(parts[: i + 1])
         if i == 0 or (refit and should_refit(n_fit, len(seen), cfg)):
             fit = fit_clusters(batches_of(x[seen]), len(seen), cfg)
             labels[seen] = assign(fit.centroids, x[seen])[0]
-            cents, sizes, pool, n_fit = fit.centroids, fit.sizes, pool[:0], len(seen)
+            cents, sizes, n_fit = fit.centroids, fit.sizes, len(seen)
             continue
-        res = assign_incremental(cents, sizes, x[part], x[pool], cfg)
-        rows = np.concatenate([part, pool])
-        labels[rows] = res.cluster  # provisional for pooled rows, as the catalog stores them
-        pool = rows[res.pooled]
+        res = assign_incremental(cents, sizes, x[part], cfg)
+        labels[part] = res.cluster
         cents, sizes = res.centroids, res.sizes
     return labels
 
@@ -264,20 +261,19 @@ def sweep(
                 f"{kf:9.1f} {mc:6.2f} {k:4d} {st.mean('clusters'):8.1f} {st.mean('purity'):7.3f}"
                 f" {st.mean('nmi'):6.3f} {mbk:8.3f} {nn:>15s}"
             )
-    print("\n== sweep 2: join_cosine x pool_min (k rule, merge at defaults); ARI = incremental vs full")
+    print("\n== sweep 2: join_cosine (k rule, merge at defaults); ARI = incremental vs full")
     print(
-        f"{'join':>5s} {'pool':>5s} | imagenet-dev: {'ARI':>5s} {'clusters':>8s} {'NMI':>6s}"
+        f"{'join':>5s} | imagenet-dev: {'ARI':>5s} {'clusters':>8s} {'NMI':>6s}"
         f" | structured: {'ARI':>5s} {'clusters':>8s}"
     )
     for jc in (0.35, 0.4, 0.45, 0.5):
-        for pm in (25, 50, 100, 200):
-            c = replace(cfg, join_cosine=jc, pool_min=pm)
-            a, b = evaluate(x, truth, c, seeds), evaluate(sx, struth, c, seeds[:1])
-            print(
-                f"{jc:5.2f} {pm:5d} | {'':13s} {a.mean('ari_inc_full'):5.3f} {a.mean('inc_clusters'):8.1f}"
-                f" {a.mean('inc_nmi'):6.3f} | {'':11s} {b.mean('ari_inc_full'):5.3f}"
-                f" {b.mean('inc_clusters'):8.1f}"
-            )
+        c = replace(cfg, join_cosine=jc)
+        a, b = evaluate(x, truth, c, seeds), evaluate(sx, struth, c, seeds[:1])
+        print(
+            f"{jc:5.2f} | {'':13s} {a.mean('ari_inc_full'):5.3f} {a.mean('inc_clusters'):8.1f}"
+            f" {a.mean('inc_nmi'):6.3f} | {'':11s} {b.mean('ari_inc_full'):5.3f}"
+            f" {b.mean('inc_clusters'):8.1f}"
+        )
 
 
 def main() -> None:

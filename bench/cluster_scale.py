@@ -121,13 +121,12 @@ def main() -> None:
     _, cos = assign(fit.centroids, new)
     assign_s = time.perf_counter() - t
     t = time.perf_counter()
-    res = assign_incremental(fit.centroids, fit.sizes, new, np.empty((0, args.dim), np.float32), cfg)
+    res = assign_incremental(fit.centroids, fit.sizes, new, cfg)
     inc_s = time.perf_counter() - t
     print(
         f"10k new images: assign {assign_s:.3f}s, assign_incremental {inc_s:.3f}s "
-        f"({int((cos >= cfg.join_cosine).sum())} joined, {int((cos < cfg.join_cosine).sum())} pooled -> "
-        f"{len(res.new)} new clusters, {int(res.pooled.sum())} still pooled, "
-        f"{len(res.changed)} clusters changed)"
+        f"({int((cos >= cfg.join_cosine).sum())} joined, {int((cos < cfg.join_cosine).sum())} fit none -> "
+        f"{len(res.new)} new clusters, {len(res.changed)} clusters changed)"
     )
     print(f"peak RSS {peak_rss_gb():.2f} GB")
 

@@ -4,7 +4,7 @@
 
 1. A seed run of the real CLI catalogs --seed real ImageNet photos: schema, pinned model, ONNX
    export, and real rows in every table the pipeline fills (images, hashes, paths, vectors,
-   clusters, pool).
+   clusters).
 2. For each catalog size, a copy of that home grows to SIZE images with rows made from the
    seed's and written with binary COPY: random sha256 and 64-bit hashes, paths under a
    synthetic tree, the seed image's vector plus noise (cosine about 0.7 to it, so no clone is
@@ -156,8 +156,7 @@ def grow(home: Path, size: int, rng: np.random.Generator) -> str:
         conn.execute("VACUUM ANALYZE")
         (images,), = conn.execute("SELECT count(*) FROM images").fetchall()
         (clusters,), = conn.execute("SELECT count(*) FROM clusters").fetchall()
-        (pooled,), = conn.execute("SELECT count(*) FROM cluster_pool").fetchall()
-    return f"{images} images, {clusters} clusters, {pooled} pooled"
+    return f"{images} images, {clusters} clusters"
 
 
 def _grow_vectors(cur: psycopg.Cursor, model_ver: str, ids: np.ndarray, pick: np.ndarray,

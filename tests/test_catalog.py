@@ -142,7 +142,7 @@ def bytea_copy(home: Path) -> str:
             assert db.ensure_schema(dst) == "bytea"
             with dst.transaction():
                 for table in ("runs", "manifests", "images", "image_hashes", "image_paths", "ingest_errors",
-                              "image_embeddings", "clusters", "image_cluster", "cluster_pool"):
+                              "image_embeddings", "clusters", "image_cluster"):
                     _copy_table(src, dst, table)
                 for key in ("active_model", "active_model_ver"):
                     db.set_meta(dst, key, db.get_meta(src, key))

@@ -81,8 +81,7 @@ def test_assignments_survive_reruns_and_new_images_join(cfg: Config, archive: Pa
     assert query(cfg, "SELECT count(*) FROM clusters WHERE name IS NULL") == [(0,)]
     (analysts,), = query(cfg, "SELECT id FROM clusters ORDER BY size DESC, id LIMIT 1")
     assert main(["label", str(analysts), "my favourites", "--home", str(cfg.home)]) == 0
-    before = dict(query(cfg, "SELECT image_id, cluster_id FROM image_cluster "
-                             "WHERE image_id NOT IN (SELECT image_id FROM cluster_pool)"))
+    before = dict(query(cfg, "SELECT image_id, cluster_id FROM image_cluster"))
     assert run(cfg, [str(archive)]).counts.files == 0
     later = archive / "later"
     later.mkdir()
@@ -90,7 +89,7 @@ def test_assignments_survive_reruns_and_new_images_join(cfg: Config, archive: Pa
         shutil.copy(p, later / p.name)
     second = run(cfg, [str(archive)])
     assert second.counts.new_images == 30
-    assert second.clusters.joined + second.clusters.pooled + second.clusters.created > 0
+    assert second.clusters.joined + second.clusters.created > 0
     one_row_per_embedded_image(cfg)
     after = dict(query(cfg, "SELECT image_id, cluster_id FROM image_cluster"))
     assert all(after[i] == c for i, c in before.items()), "a settled image changed cluster"
@@ -106,11 +105,10 @@ def test_assignments_survive_reruns_and_new_images_join(cfg: Config, archive: Pa
     found = {Path(line).name for line in capsys.readouterr().out.splitlines()}
     assert len(birds) == 26 and len(found & birds) >= 0.8 * len(birds)
     assert len(found - birds) <= 0.2 * len(found)
-    # Sizes count settled members only; pooled images hold provisional rows.
+    # Every image has its category when its run ends: sizes count every member.
     for cluster_id, size in query(cfg, "SELECT id, size FROM clusters"):
-        (settled,), = query(cfg, "SELECT count(*) FROM image_cluster WHERE cluster_id = %s AND image_id "
-                                 "NOT IN (SELECT image_id FROM cluster_pool)", cluster_id)
-        assert settled <= size
+        (members,), = query(cfg, "SELECT count(*) FROM image_cluster WHERE cluster_id = %s", cluster_id)
+        assert members == size
 
 
 def test_model_change_reclusters_from_thumbnails_only(cfg: Config, archive: Path, small_clip_ckpt: Path,
@@ -188,8 +186,6 @@ def test_a_doubled_catalog_is_clustered_again(cfg: Config, tmp_path: Path) -> No
     grown = run(cfg, [str(root)])
     assert grown.clusters.refits == 1
     one_row_per_embedded_image(cfg)
-    (pooled,), = query(cfg, "SELECT count(*) FROM cluster_pool")
-    assert pooled == 0
     (sizes,), = query(cfg, "SELECT sum(size) FROM clusters WHERE model_ver = %s", ver)
     assert sizes == 70
     # The first images' old clusters are mapped onto the new ones for analysts.

@@ -140,59 +140,50 @@ def test_assign_nearest_and_empty(centres: np.ndarray) -> None:
     assert (labels == -1).all() and np.isneginf(cos).all()
 
 
-def test_assign_incremental_joins_pools_then_seeds(centres: np.ndarray) -> None:
+def test_assign_incremental_joins_or_starts_a_category_at_once(centres: np.ndarray) -> None:
     existing, new_blob = centres[:3], centres[5]
     sizes = np.array([100, 50, 10], dtype=np.int64)
-    cfg = ClusterConfig.defaults(join_cosine=0.7, merge_cosine=0.9, pool_min=30)
+    cfg = ClusterConfig.defaults(join_cosine=0.7, merge_cosine=0.9)
     near0, _ = blobs(existing[:1], 20, 0.3, seed=8)
     novel, _ = blobs(new_blob[None], 20, 0.3, seed=9)
-    none = np.empty((0, DIM), np.float32)
 
-    # Run 1: 20 join cluster 0, 20 novel ones are pooled (20 < pool_min).
-    r1 = assign_incremental(existing, sizes, np.concatenate([near0, novel]), none, cfg)
-    assert (r1.labels[:20] == 0).all() and (r1.labels[20:] == -1).all()
-    assert r1.pooled[20:].all() and not r1.pooled[:20].any()
-    assert len(r1.new) == 0 and list(r1.changed) == [0]
-    np.testing.assert_array_equal(r1.sizes, [120, 50, 10])  # pooled rows are not counted
-    np.testing.assert_array_equal(r1.centroids[1:], unit(existing[1:]))  # untouched clusters unchanged
+    # Run 1: 20 join cluster 0; the 20 novel ones fit none and start a category together, at once.
+    r1 = assign_incremental(existing, sizes, np.concatenate([near0, novel]), cfg)
+    assert (r1.cluster[:20] == 0).all() and (r1.cluster[20:] == 3).all()
+    assert list(r1.new) == [3] and list(r1.changed) == [0]
+    np.testing.assert_array_equal(r1.sizes, [120, 50, 10, 20])
+    np.testing.assert_array_equal(r1.centroids[1:3], unit(existing[1:]))  # untouched clusters unchanged
     np.testing.assert_allclose(r1.centroids[0], unit(100 * existing[0] + near0.sum(0)), atol=1e-5)
-    # Provisional rows point to their nearest cluster, with its cosine as sim_score.
-    nearest, cos = assign(r1.centroids, novel)
-    np.testing.assert_array_equal(r1.cluster[20:], nearest)
-    np.testing.assert_allclose(r1.sim[20:], cos, atol=1e-5)
-    assert (r1.sim[20:] < cfg.join_cosine).all()
+    assert np.dot(r1.centroids[3], new_blob) > 0.95
+    np.testing.assert_allclose(r1.sim[20:], novel @ r1.centroids[3], atol=1e-5)
 
-    # Run 2: 15 more novel images; with the pool (20) that makes 35 >= pool_min: a new cluster.
+    # Run 2: 15 more of the new kind join the category the first batch started.
     more, _ = blobs(new_blob[None], 15, 0.3, seed=10)
-    r2 = assign_incremental(r1.centroids, r1.sizes, more, novel[r1.pooled[20:]], cfg)
-    assert not r2.pooled.any() and (r2.labels >= 0).all()  # everyone has a final cluster
-    assert list(r2.new) == [3] and len(r2.changed) == 0
-    assert (r2.labels == 3).all()
+    r2 = assign_incremental(r1.centroids, r1.sizes, more, cfg)
+    assert (r2.cluster == 3).all() and len(r2.new) == 0 and list(r2.changed) == [3]
     np.testing.assert_array_equal(r2.sizes, [120, 50, 10, 35])
-    assert np.dot(r2.centroids[3], new_blob) > 0.95
-    rows = np.concatenate([more, novel])
-    np.testing.assert_allclose(r2.sim, rows @ r2.centroids[3], atol=1e-5)
+    np.testing.assert_allclose(r2.sim, more @ r2.centroids[3], atol=1e-5)
 
 
 def test_assign_incremental_seeds_close_to_existing_are_absorbed(centres: np.ndarray) -> None:
-    # join_cosine so strict that everything pools; the seed lands on cluster 1 and merges into it.
-    cfg = ClusterConfig.defaults(join_cosine=0.999, merge_cosine=0.9, pool_min=10)
+    # join_cosine so strict that nothing joins; the seed lands on cluster 1 and merges into it.
+    cfg = ClusterConfig.defaults(join_cosine=0.999, merge_cosine=0.9)
     near1, _ = blobs(centres[1:2], 40, 0.2, seed=11)
-    r = assign_incremental(centres[:3], np.array([5, 5, 5]), near1, np.empty((0, DIM)), cfg)
+    r = assign_incremental(centres[:3], np.array([5, 5, 5]), near1, cfg)
     assert len(r.new) == 0 and list(r.changed) == [1]
-    assert (r.labels == 1).all()
+    assert (r.cluster == 1).all()
     np.testing.assert_array_equal(r.sizes, [5, 45, 5])
 
 
 def test_assign_incremental_from_nothing_and_stable_indices(centres: np.ndarray) -> None:
-    cfg = ClusterConfig.defaults(join_cosine=0.7, merge_cosine=0.9, pool_min=10)
+    cfg = ClusterConfig.defaults(join_cosine=0.7, merge_cosine=0.9)
     x, truth = blobs(centres[:2], 30, 0.3, seed=12)
-    r = assign_incremental(np.empty((0, DIM)), np.empty(0, np.int64), x, np.empty((0, DIM)), cfg)
-    assert not r.pooled.any() and len(r.centroids) == len(r.new) >= 2
-    assert adjusted_rand_score(truth, r.labels) == 1.0
-    # Too few to seed: rows stay pooled with no cluster to point to.
-    r0 = assign_incremental(np.empty((0, DIM)), np.empty(0, np.int64), x[:3], np.empty((0, DIM)), cfg)
-    assert r0.pooled.all() and (r0.cluster == -1).all() and len(r0.centroids) == 0
+    r = assign_incremental(np.empty((0, DIM)), np.empty(0, np.int64), x, cfg)
+    assert len(r.centroids) == len(r.new) >= 2
+    assert adjusted_rand_score(truth, r.cluster) == 1.0
+    # However few: a single image that fits nothing is a category of its own.
+    r1 = assign_incremental(centres[:1], np.array([10]), x[30:31], ClusterConfig.defaults(join_cosine=0.999))
+    assert list(r1.new) == [1] and list(r1.cluster) == [1] and list(r1.sizes) == [10, 1]
 
 
 def test_cluster_mapping_counts() -> None:

@@ -43,7 +43,6 @@ _RANGES: dict[str, tuple[float | None, float | None]] = {
     "cluster.k": (0, None),
     "cluster.merge_cosine": (-1.0, 1.0),
     "cluster.join_cosine": (-1.0, 1.0),
-    "cluster.pool_min": (1, None),
     "cluster.refit_growth": (0.0, None),
 }
 _CHOICES: dict[str, tuple[str, ...]] = {

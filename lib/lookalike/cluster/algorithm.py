@@ -12,18 +12,12 @@ exact size under nearest-centroid assignment (so `assign` reproduces `sizes`). E
 are dropped.
 
 Incremental runs (`assign_incremental`): a new image joins its nearest cluster when the cosine
-is >= `join_cosine` (the centroid moves as a size-weighted running mean); the others wait in a
-pool. Once the pool holds `pool_min` images, MiniBatchKMeans on the pool seeds new clusters;
-seeds within `merge_cosine` of an existing cluster are absorbed into it, so existing cluster
-indices are stable: they are never renumbered, removed or merged with each other.
-
-Pooled images and the catalog contract ("every embedded image has exactly one image_cluster
-row"): a pooled image gets a provisional row pointing to its nearest cluster with its cosine as
-sim_score, but is not counted in that cluster's size and does not move its centroid. The pool
-itself is state the caller persists (image ids per model_ver) and hands back as `pool_vecs` on
-the next run, where each pooled image is re-tested for joining before seeding; when the pool
-seeds, every pooled image gets its final cluster. `IncrementalResult.pooled` says which rows
-are provisional.
+is >= `join_cosine` (the centroid moves as a size-weighted running mean); the images that fit
+no cluster start new ones at once, with their batch-mates that are close to them: they are
+clustered as a full fit of them would be (k-means seeds merged at `merge_cosine`), and seeds
+within `merge_cosine` of an existing cluster are absorbed into it. Existing cluster indices are
+stable: they are never renumbered, removed or merged with each other (a later full re-clustering
+may merge what a batch started). Every image has its category when the call returns.
 """
 
 from __future__ import annotations
@@ -66,7 +60,6 @@ class ClusterConfig:
     k: int | None  # k-means clusters before merging; None: derive_k(n)
     merge_cosine: float  # centroids (and merged groups) at least this close become one cluster
     join_cosine: float  # a new image joins its nearest cluster at this cosine or above
-    pool_min: int  # pooled images that trigger seeding new clusters
     refit_growth: float  # should_refit once the collection has grown this much since the fit
     k_per_sqrt_n: float = 2.0  # derived k = k_per_sqrt_n * sqrt(n), clipped to [1, k_max]
     k_max: int = 4096  # bounds the fit time of very large archives
@@ -79,7 +72,7 @@ class ClusterConfig:
     def from_config(cls, section: dict[str, Any], **overrides: Any) -> ClusterConfig:
         """From a config's [cluster] section: k = 0 derives k, refit_growth = 0 never refits."""
         values = {"k": section["k"] or None, "merge_cosine": section["merge_cosine"],
-                  "join_cosine": section["join_cosine"], "pool_min": section["pool_min"],
+                  "join_cosine": section["join_cosine"],
                   "refit_growth": section["refit_growth"] or float("inf")}
         return cls(**{**values, **overrides})
 
@@ -100,24 +93,15 @@ class Clustering:
 
 @dataclass
 class IncrementalResult:
-    """Outcome of one incremental run.
-
-    Rows are `vecs` followed by `pool_vecs`, in that order. Existing clusters keep their
-    index; new clusters are appended (indices `new`).
-    """
+    """Outcome of one incremental run, a row per new vector. Existing clusters keep their index;
+    new clusters are appended (indices `new`)."""
 
     centroids: np.ndarray  # (m', d) float32, normalised; m' >= m
-    sizes: np.ndarray  # (m',) int64; pooled rows are not counted
-    cluster: np.ndarray  # (rows,) int64, the cluster of each row's image_cluster row (or -1 if m' == 0)
+    sizes: np.ndarray  # (m',) int64
+    cluster: np.ndarray  # (rows,) int64, each row's cluster
     sim: np.ndarray  # (rows,) float32, cosine of the row to that cluster's (updated) centroid
-    pooled: np.ndarray  # (rows,) bool, still pooled: `cluster` is provisional (nearest centroid)
     new: np.ndarray  # int64 indices of clusters created in this run
     changed: np.ndarray  # int64 indices of existing clusters whose centroid and size changed
-
-    @property
-    def labels(self) -> np.ndarray:
-        """Final cluster per row, -1 where the row is still pooled."""
-        return np.where(self.pooled, -1, self.cluster)
 
 
 def derive_k(n: int, cfg: ClusterConfig) -> int:
@@ -355,39 +339,33 @@ def fit_clusters(batches: Callable[[], Iterable[np.ndarray]], n: int, cfg: Clust
     return Clustering(centroids=centroids[live], sizes=sizes[live], k_fit=k)
 
 
-def _seed_pool(pool: np.ndarray, cfg: ClusterConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Seed centroids (normalised) and their sizes: the pool clustered as a full fit of it would be."""
-    k = derive_k(len(pool), cfg)
-    seeds = l2_normalize(_warm_kmeans(pool, k, cfg).cluster_centers_)
-    used = np.bincount(assign(seeds, pool)[0], minlength=k)
+def _seed(vecs: np.ndarray, cfg: ClusterConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Seed centroids (normalised) and their sizes: `vecs` clustered as a full fit of them would be."""
+    k = min(derive_k(len(vecs), cfg), len(vecs))
+    seeds = l2_normalize(_warm_kmeans(vecs, k, cfg).cluster_centers_)
+    used = np.bincount(assign(seeds, vecs)[0], minlength=k)
     return seeds[used > 0], used[used > 0]
 
 
-def assign_incremental(
-    centroids: np.ndarray,
-    sizes: np.ndarray,
-    vecs: np.ndarray,
-    pool_vecs: np.ndarray,
-    cfg: ClusterConfig,
-) -> IncrementalResult:
-    """Assign new vectors (and re-test the pool) against an existing clustering.
+def assign_incremental(centroids: np.ndarray, sizes: np.ndarray, vecs: np.ndarray,
+                       cfg: ClusterConfig) -> IncrementalResult:
+    """Place new vectors in an existing clustering; those that fit none start new clusters.
 
-    Rows = vecs then pool_vecs. Joins are decided against the centroids as they were at the
-    start of the call and applied together, so the outcome does not depend on row order.
+    Joins are decided against the centroids as they were at the start of the call and applied
+    together, so the outcome does not depend on row order.
     """
     sizes = np.asarray(sizes, dtype=np.int64)
     m = len(sizes)
     d = np.asarray(vecs).shape[-1] if m == 0 else np.asarray(centroids).shape[1]
     centroids = l2_normalize(np.asarray(centroids).reshape(m, d))
-    rows = l2_normalize(np.concatenate([np.asarray(vecs).reshape(-1, d),
-                                        np.asarray(pool_vecs).reshape(-1, d)]))
+    rows = l2_normalize(np.asarray(vecs).reshape(-1, d))
 
     nearest, cos = assign(centroids, rows)
     cluster = np.where(cos >= cfg.join_cosine, nearest, -1)
     targets = centroids
-    pool_idx = np.flatnonzero(cluster < 0)
-    if len(pool_idx) >= max(cfg.pool_min, 1):
-        seeds, seed_sizes = _seed_pool(rows[pool_idx], cfg)
+    alone = np.flatnonzero(cluster < 0)
+    if len(alone):
+        seeds, seed_sizes = _seed(rows[alone], cfg)
         # Seeds within merge_cosine of an existing cluster are absorbed by it (existing rows are
         # fixed: they keep their index and never merge with each other); the other seed groups
         # are appended as new clusters.
@@ -397,36 +375,27 @@ def assign_incremental(
             cfg.merge_cosine,
             n_fixed=m,
         )
-        # Every pooled image now goes to its nearest cluster, existing or new.
-        cluster[pool_idx] = assign(targets, rows[pool_idx])[0]
+        cluster[alone] = assign(targets, rows[alone])[0]
 
     # Size-weighted running means: the old centroid counts as `size` members.
-    member = cluster >= 0
-    added = np.bincount(cluster[member], minlength=len(targets))
-    sums = _group_sum(cluster[member], rows[member], len(targets))
+    added = np.bincount(cluster, minlength=len(targets))
+    sums = _group_sum(cluster, rows, len(targets))
     sums[:m] += centroids * sizes[:, None]
     # Seeds that attracted nobody are dropped; the survivors are numbered after the existing ones.
     keep = np.concatenate([np.ones(m, dtype=bool), added[m:] > 0])
     renumber = np.cumsum(keep) - 1
-    cluster[member] = renumber[cluster[member]]
+    cluster = renumber[cluster]
     touched = keep & (added > 0)
     out_centroids = targets[keep].copy()
     out_centroids[touched[keep]] = l2_normalize(sums[touched])
     out_centroids[:m][added[:m] == 0] = centroids[added[:m] == 0]  # untouched: unchanged
     out_sizes = (np.concatenate([sizes, np.zeros(len(targets) - m, dtype=np.int64)]) + added)[keep]
-
-    pooled = ~member
-    # Provisional rows point to the nearest centroid as it stands after this run.
-    cluster[pooled] = assign(out_centroids, rows[pooled])[0]
-    sim = np.full(len(rows), -np.inf, dtype=np.float32)
-    has = cluster >= 0
-    sim[has] = np.einsum("ij,ij->i", rows[has], out_centroids[cluster[has]])
+    sim = np.einsum("ij,ij->i", rows, out_centroids[cluster]).astype(np.float32)
     return IncrementalResult(
         centroids=out_centroids,
         sizes=out_sizes,
         cluster=cluster,
         sim=sim,
-        pooled=pooled,
         new=np.arange(m, len(out_centroids), dtype=np.int64),
         changed=np.flatnonzero(added[:m] > 0).astype(np.int64),
     )

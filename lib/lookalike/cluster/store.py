@@ -1,9 +1,9 @@
 """Similarity categories in the catalog: clusters and image_cluster for one model_ver.
 
 The algorithms live in lookalike.cluster.algorithm; this module reads and writes their state.
-New images join clusters incrementally inside their manifest's transaction. Images that
-are not close enough to any cluster wait in cluster_pool with a provisional image_cluster
-row (their nearest cluster), so every embedded image always has exactly one row.
+New images join clusters incrementally inside their manifest's transaction; those close to no
+cluster start new ones at once, so every embedded image has exactly one row when its manifest
+commits.
 """
 
 from __future__ import annotations
@@ -33,13 +33,11 @@ from lookalike.progress import say
 class ClusterCounts:
     joined: int = 0   # new images placed in an existing cluster
     created: int = 0  # clusters created
-    pooled: int = 0   # images waiting for enough company to seed a cluster
     refits: int = 0   # full clusterings of the whole model_ver (the catalog had doubled)
 
     def add(self, other: ClusterCounts) -> None:
         self.joined += other.joined
         self.created += other.created
-        self.pooled = other.pooled  # a level, not a sum
         self.refits += other.refits
 
 
@@ -134,7 +132,6 @@ def fit_and_write(cur: psycopg.Cursor, model_ver: str, ids: np.ndarray,
     keep = inherited_ids(before, ids, label) if before else {}
     cluster_ids = _store_clusters(cur, model_ver, result.centroids, result.sizes, vector_type, keep)
     _write_members(cur, model_ver, ids, cluster_ids[label], np.concatenate(sims))
-    cur.execute("DELETE FROM cluster_pool WHERE model_ver = %s", (model_ver,))
     db.set_meta(cur.connection, fit_size_key(model_ver), str(n))  # should_refit measures growth from here
     return ClusterCounts(joined=0, created=len(cluster_ids) - len(keep))
 
@@ -189,10 +186,11 @@ def record_transitions(cur: psycopg.Cursor, old_ver: str, before: dict[int, int]
 
 def assign_new(cur: psycopg.Cursor, model_ver: str, image_ids: np.ndarray, vecs: np.ndarray,
                cfg: ClusterConfig, vector_type: str, scratch: Path) -> ClusterCounts:
-    """Place new images (and re-test the pool); the first images of a model get a full fit, and
-    so does the whole model_ver each time the catalog has grown refit_growth-fold since its last
-    fit (an archive's first load arrives as many manifests: without it, the clusters fitted on
-    the first one would shape all the others). Their vectors must already be in image_embeddings."""
+    """Place new images; those close to no category start new ones at once. The first images of
+    a model get a full fit, and so does the whole model_ver each time the catalog has grown
+    refit_growth-fold since its last fit (an archive's first load arrives as many manifests:
+    without it, the clusters fitted on the first one would shape all the others). Their vectors
+    must already be in image_embeddings."""
     if len(image_ids) == 0:
         return ClusterCounts()
     cluster_ids, centroids, sizes = _existing(cur, model_ver, vector_type)
@@ -205,26 +203,13 @@ def assign_new(cur: psycopg.Cursor, model_ver: str, image_ids: np.ndarray, vecs:
         say(f"clusters: the catalog grew from {fitted_on} to {n_now} {model_ver} vectors since its last "
             "clustering: clustering them all again")
         return refit(cur, model_ver, cfg, vector_type, scratch)
-    pool_ids, pool_vecs = read_vectors(
-        cur, "SELECT p.image_id, e.emb FROM cluster_pool p JOIN image_embeddings e "
-             "USING (image_id, model_ver) WHERE p.model_ver = %s ORDER BY p.image_id", (model_ver,),
-        vector_type)
-    pool_vecs = pool_vecs.reshape(-1, vecs.shape[1])
-    res = assign_incremental(centroids, sizes, vecs, pool_vecs, cfg)
+    res = assign_incremental(centroids, sizes, vecs, cfg)
     for idx in res.changed.tolist():
         cur.execute("UPDATE clusters SET centroid = %s, size = %s, updated_at = now() WHERE id = %s",
                     (vector_to_db(res.centroids[idx], vector_type), int(res.sizes[idx]),
                      int(cluster_ids[idx])))
     new_ids = _insert_clusters(cur, model_ver, res.centroids[res.new], res.sizes[res.new], vector_type)
     all_cluster_ids = np.concatenate([cluster_ids, new_ids])
-    rows = np.concatenate([image_ids, pool_ids])
-    _write_members(cur, model_ver, rows, all_cluster_ids[res.cluster], res.sim)
-    cur.execute("DELETE FROM cluster_pool WHERE model_ver = %s", (model_ver,))
-    still = rows[res.pooled]
-    if len(still):
-        with cur.copy("COPY cluster_pool (image_id, model_ver) FROM STDIN") as copy:
-            for image_id in still.tolist():
-                copy.write_row((image_id, model_ver))
-    new_rows = slice(0, len(image_ids))
-    joined = int(((~res.pooled[new_rows]) & (res.cluster[new_rows] < len(cluster_ids))).sum())
-    return ClusterCounts(joined=joined, created=len(new_ids), pooled=len(still))
+    _write_members(cur, model_ver, image_ids, all_cluster_ids[res.cluster], res.sim)
+    joined = int((res.cluster < len(cluster_ids)).sum())
+    return ClusterCounts(joined=joined, created=len(new_ids))

@@ -7,7 +7,8 @@ image_embeddings.embedding becomes emb; clusters.cluster_id becomes id; image_cl
 joined_at; images gain the capture columns (taken_at, camera, lens, ...: null for images
 catalogued before them); clusters gain name, name_source and top_labels; cluster_transitions
 loses its primary key (a refit that keeps a category's id records the same pair again); the
-image_labels table is new. Foreign keys follow the renamed columns by themselves.
+image_labels table is new; cluster_pool goes (every image gets its category when its run
+ends). Foreign keys follow the renamed columns by themselves.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ ALTER TABLE images ADD COLUMN taken_at TIMESTAMPTZ, ADD COLUMN taken_at_source T
     ADD COLUMN gps_lon DOUBLE PRECISION, ADD COLUMN decode_path TEXT;
 CREATE INDEX IF NOT EXISTS images_taken_at ON images (taken_at);
 ALTER TABLE clusters ADD COLUMN name TEXT, ADD COLUMN name_source TEXT, ADD COLUMN top_labels JSONB;
+-- No image waits for a category any more; a pooled image keeps its provisional one until a refit.
+DROP TABLE cluster_pool;
 ALTER TABLE cluster_transitions DROP CONSTRAINT IF EXISTS cluster_transitions_pkey;
 """
 

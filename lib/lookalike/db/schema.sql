@@ -156,13 +156,6 @@ CREATE TABLE IF NOT EXISTS image_dup_group (
 );
 CREATE INDEX IF NOT EXISTS image_dup_group_group ON image_dup_group (group_id);
 
--- Images not yet close enough to any cluster; each also has a provisional image_cluster row.
-CREATE TABLE IF NOT EXISTS cluster_pool (
-    image_id  BIGINT NOT NULL REFERENCES images ON DELETE CASCADE,
-    model_ver TEXT NOT NULL,
-    PRIMARY KEY (image_id, model_ver)
-);
-
 -- After each full re-clustering: how many images of each old cluster went to each new one.
 CREATE TABLE IF NOT EXISTS cluster_transitions (
     old_model_ver  TEXT NOT NULL,

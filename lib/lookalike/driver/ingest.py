@@ -69,7 +69,7 @@ class RunSummary:
         return (f"run {self.run_id}: {c.files} files in {self.manifests} manifests, "
                 f"{c.new_images} new images, {c.exact_copies} exact copies, {c.errors} errors{where}{more}; "
                 f"{self.dups.pairs} near-duplicate pairs; "
-                f"clusters: {k.joined} joined, {k.created} created, {k.pooled} waiting"
+                f"clusters: {k.joined} joined, {k.created} created"
                 + (f", {k.refits} full re-clusterings" if k.refits else "")
                 + f" ({self.seconds:.1f} s)")
 

@@ -191,15 +191,14 @@ LEFT JOIN LATERAL (
 ORDER BY m.group_size DESC, m.group_id, m.rank""")
 
     def clusters(self) -> pd.DataFrame:
-        """Clusters of the active model, largest first; `images` counts their image_cluster rows
-        (`pooled` of them wait for enough company to seed a cluster of their own)."""
+        """Clusters of the active model, largest first, with their names; `images` counts their
+        image_cluster rows."""
         return self.sql(
             f"""
 SELECT c.id AS cluster_id, c.name, c.name_source, c.model_ver, c.size, count(ic.image_id) AS images,
-       count(cp.image_id) AS pooled, avg(ic.sim_score)::float8 AS mean_sim, c.created_at, c.updated_at
+       avg(ic.sim_score)::float8 AS mean_sim, c.created_at, c.updated_at
 FROM clusters c
 LEFT JOIN image_cluster ic ON ic.cluster_id = c.id AND ic.model_ver = c.model_ver
-LEFT JOIN cluster_pool cp ON cp.image_id = ic.image_id AND cp.model_ver = ic.model_ver
 WHERE c.model_ver = {ACTIVE_VER}
 GROUP BY c.id ORDER BY images DESC, c.id""")
 
@@ -213,10 +212,8 @@ GROUP BY c.id ORDER BY images DESC, c.id""")
 SELECT * FROM (
     SELECT ic.cluster_id, ic.image_id, ic.sim_score, ic.joined_at,
            row_number() OVER (PARTITION BY ic.cluster_id ORDER BY ic.sim_score DESC, ic.image_id) AS rank,
-           cp.image_id IS NOT NULL AS pooled, i.width, i.height, i.format, i.bytes,
-           {FIRST_PATH.format('ic.image_id')} AS path, i.thumb_path
+           i.width, i.height, i.format, i.bytes, {FIRST_PATH.format('ic.image_id')} AS path, i.thumb_path
     FROM image_cluster ic JOIN images i ON i.id = ic.image_id
-    LEFT JOIN cluster_pool cp ON cp.image_id = ic.image_id AND cp.model_ver = ic.model_ver
     WHERE ic.model_ver = {ACTIVE_VER} AND (%(cid)s::bigint IS NULL OR ic.cluster_id = %(cid)s)
 ) r WHERE %(limit)s::int IS NULL OR rank <= %(limit)s
 ORDER BY cluster_id, rank""", {"cid": cluster_id, "limit": limit})

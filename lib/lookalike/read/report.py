@@ -164,11 +164,10 @@ def _clusters_section(page: _Page, clusters: pd.DataFrame, members: pd.DataFrame
     for c in clusters.itertuples():
         shown = by_cluster.get(c.cluster_id, members.iloc[0:0])
         more = f" · showing the {len(shown)} closest to the centroid" if c.images > len(shown) else ""
-        pooled = f" · {c.pooled} waiting in the pool" if c.pooled else ""
         out.append(f"<div class=cluster id='cluster-{c.cluster_id}' data-cluster-id='{c.cluster_id}' "
                    f"data-images='{c.images}'>")
         out.append(f"<h3>{_e(display(c.name, c.cluster_id))} <small>#{c.cluster_id} · {c.images} images"
-                   f"{pooled}{more}</small></h3>")
+                   f"{more}</small></h3>")
         out.append("<div class=gallery>")
         for m in shown.itertuples():
             out.append(page.figure(m.image_id, m.thumb_path, m.path,
