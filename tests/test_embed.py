@@ -176,7 +176,7 @@ def test_embed_batches_vectors_and_errors(effnet: registry.ModelSpec, tmp_path: 
     old = embeddings_table(stage.drop_columns(["labels", "label_scores"]))
     assert old.schema.names == schemas.EMBEDDINGS.names and old["labels"].null_count == old.num_rows
 
-    # The catalog load reads the columns it knows by name: the extra ones change nothing there.
+    # The catalog load: the vectors (one row an image) and the labels (five an embedded image).
     class Copy:
         def __init__(self) -> None:
             self.rows: list[list[object]] = []
@@ -194,18 +194,24 @@ def test_embed_batches_vectors_and_errors(effnet: registry.ModelSpec, tmp_path: 
             self.rows.append(row)
 
     class Cursor:
-        copied = Copy()
+        def __init__(self) -> None:
+            self.copies: dict[str, Copy] = {}
 
         def execute(self, sql: str, params: object = None) -> None:
             pass
 
         def copy(self, sql: str) -> Copy:
-            return self.copied
+            return self.copies.setdefault(sql.split()[1], Copy())  # by staging table
 
     cursor = Cursor()
     copy_embeddings(cursor, read, "bytea", 1)  # type: ignore[arg-type]
-    assert [r[0] for r in cursor.copied.rows] == stage["sha256"].to_pylist()
-    assert [r[2] for r in cursor.copied.rows] == stage["vector"].to_pylist()
+    vectors, labels = cursor.copies["stage_emb"].rows, cursor.copies["stage_labels"].rows
+    assert [r[0] for r in vectors] == stage["sha256"].to_pylist()
+    assert [r[2] for r in vectors] == stage["vector"].to_pylist()
+    pairs = zip(stage["sha256"].to_pylist(), stage["vector"].to_pylist(), strict=True)
+    embedded = [sha for sha, vector in pairs if vector]
+    assert [r[0] for r in labels] == [sha for sha in embedded for _ in range(5)]
+    assert [r[2] for r in labels] == [1, 2, 3, 4, 5] * len(embedded)  # ranks
 
 
 def embed_photos(tmp_path: Path, settings: EmbedSettings, files: list[str]) -> pd.DataFrame:
