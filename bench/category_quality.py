@@ -39,6 +39,7 @@ import numpy as np
 from PIL import Image
 from sklearn.cluster import KMeans
 
+from lookalike.cluster.algorithm import ClusterConfig, assign, fit_clusters
 from lookalike.labels import hierarchy as hi
 from lookalike.labels.classifier import classifier_head, features_and_logits, logits_from_features
 from lookalike.models.registry import resolve_model
@@ -192,6 +193,16 @@ def main() -> None:
         name, _ = hi.name_category(pred[g])
         good = sum(right_level(hi.category_node(pred[g])[0], int(i)) for i in g)
         print(f"     {c:22s} {len(g):3d} -> {name[:60]:60s} {good if senses[c] else '-':>3}")
+    # The product's own clustering (cluster.algorithm with conf/lookalike.toml's values), its
+    # categories named from the members' stored top-5, as a run names them.
+    fit = fit_clusters(lambda: [emb], len(emb), ClusterConfig.defaults())
+    product = assign(fit.centroids, emb)[0]
+    product_groups = [np.flatnonzero(product == g) for g in range(len(fit.centroids))]
+    product_purity = sum(np.unique(np.array(coarse)[g], return_counts=True)[1].max()
+                         for g in product_groups if len(g)) / len(rows)
+    print(f"   lookalike's clustering: {len(product_groups)} categories, purity {product_purity:.3f}; "
+          f"right-level names (top5 votes, default share): "
+          f"{score(product_groups, hi.DEFAULT_MIN_SHARE, 'top5'):.3f}")
     names = defaultdict(int)
     for g in km_groups[0]:
         names[hi.name_category(pred[g])[0]] += 1
