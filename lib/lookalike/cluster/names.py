@@ -17,15 +17,15 @@ import psycopg
 
 from lookalike.labels.hierarchy import NUM_CLASSES, name_category
 
-# Each member's top-5 scores renormalised to one vote, summed per category and class.
+# Each member's top-5 scores renormalised to one vote, summed per category and class; only the
+# members of the categories asked for are read.
 _VOTES = """
-SELECT ic.cluster_id, l.class_id, sum(l.score / t.total)::float8
-FROM image_cluster ic
-JOIN image_labels l ON l.image_id = ic.image_id AND l.model_ver = ic.model_ver
-JOIN (SELECT image_id, sum(score) AS total FROM image_labels WHERE model_ver = %(ver)s GROUP BY image_id) t
-  ON t.image_id = ic.image_id
-WHERE ic.model_ver = %(ver)s AND (%(ids)s::bigint[] IS NULL OR ic.cluster_id = ANY(%(ids)s))
-GROUP BY 1, 2
+SELECT cluster_id, class_id, sum(vote)::float8 FROM (
+    SELECT ic.cluster_id, l.class_id, l.score / sum(l.score) OVER (PARTITION BY l.image_id) AS vote
+    FROM image_cluster ic
+    JOIN image_labels l ON l.image_id = ic.image_id AND l.model_ver = ic.model_ver
+    WHERE ic.model_ver = %(ver)s AND (%(ids)s::bigint[] IS NULL OR ic.cluster_id = ANY(%(ids)s))
+) v GROUP BY 1, 2
 """
 
 
