@@ -1,6 +1,7 @@
 """Extract-stage speed and memory on archive-like files (10-50 MB), side by side in one run.
 
     python bench/ingest.py [CORPUS_DIR] [--rounds 2] [--spark] [--formats-mb 25] [--formats-only]
+                           [--store-only]
 
 CORPUS_DIR defaults to bench/out/corpus40, built with
 ../shared/tools/make_large_corpus.py ../shared/data/photos-hires DIR --count 40.
@@ -19,6 +20,11 @@ a preview, a HEIC and a JPEG (q95) of the same pixels (tests/make_test_raw.py; k
 bench/out/formats-<MB>mb). extract_file on each, best of --rounds: seconds per file (wall and
 process CPU, all threads) through the preview, the half-size demosaic and the decoders, side by
 side with the JPEG. --formats-only skips the corpus.
+
+And the content-addressed store (#20): extract_file on each corpus file catalogued in place,
+filed into a store by hardlink and by copy (a fresh store on the corpus's filesystem each time, so
+every file is really written), and the floor of a copy: writing the same bytes once to a new file
+with fsync. Seconds per file, interleaved, alternating the order. --store-only runs only this.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from PIL import Image, ImageOps
 
 from lookalike.stages.extract import ExtractSettings, _to_rgb, decode_thumbnail, extract_file
 from lookalike.stages.hashing import dihedral_phashes, image_hashes
+from lookalike.store import StoreSettings
 
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parent.parent / "shared"
@@ -186,6 +193,54 @@ def formats_report(megabytes: float, rounds: int) -> None:
               f"{wall / ref:>7.2f}x")
 
 
+def write_once(path: Path, folder: Path) -> float:
+    """The floor of a copy into the store: seconds to write the bytes (already in memory) once,
+    fsynced."""
+    data = path.read_bytes()
+    started = time.perf_counter()
+    with open(folder / "copy", "wb") as f:
+        f.write(data)
+        os.fsync(f.fileno())
+    return time.perf_counter() - started
+
+
+def time_store(files: list[Path], rounds: int) -> dict[str, float]:
+    ways = ["in place", "hardlink", "copy", "write once"]
+    seconds = dict.fromkeys(ways, 0.0)
+    near = files[0].parent  # the store on the corpus's filesystem, as hardlink needs
+    for r in range(rounds):
+        order = ways if r % 2 == 0 else list(reversed(ways))
+        for path in files:
+            for way in order:
+                with tempfile.TemporaryDirectory(dir=near) as tmp:
+                    if way == "write once":
+                        seconds[way] += write_once(path, Path(tmp))
+                        continue
+                    store = StoreSettings(str(Path(tmp) / "store"), way) if way != "in place" else None
+                    if store is not None:
+                        (Path(store.root) / ".partial").mkdir(parents=True)
+                    settings = ExtractSettings(str(Path(tmp) / "thumbs"), store=store)
+                    started = time.perf_counter()
+                    row = extract_file(str(path), settings)
+                    seconds[way] += time.perf_counter() - started
+                    assert row["error"] is None, row
+                    assert row["store_action"] == {"in place": None, "hardlink": "link",
+                                                   "copy": "copy"}[way], row
+    return seconds
+
+
+def store_report(files: list[Path], rounds: int) -> None:
+    n = len(files) * rounds
+    s = time_store(files, rounds)
+    print(f"store (#20): {len(files)} files x {rounds} rounds, s/file")
+    for way, took in s.items():
+        print(f"  {way:<10} {took / n:>7.3f}")
+    print(f"hardlink vs in place: {(s['hardlink'] / s['in place'] - 1) * 100:+.1f}%  (target <= +3%)")
+    extra = s["copy"] - s["in place"]
+    print(f"copy's extra time over in place: {extra / n:.3f} s/file, {extra / s['write once']:.2f}x the "
+          "time of writing the bytes once  (target <= 1.0x)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("corpus", nargs="?", type=Path, default=HERE / "out" / "corpus40")
@@ -194,9 +249,14 @@ def main() -> None:
     ap.add_argument("--formats-mb", type=float, default=25.0,
                     help="RAW/HEIC section: the photo's size as a 16-bit mosaic, MB (0: skip)")
     ap.add_argument("--formats-only", action="store_true", help="only the RAW/HEIC section")
+    ap.add_argument("--store-only", action="store_true", help="only the store section")
     a = ap.parse_args()
+    if a.store_only:
+        store_report(corpus_files(a.corpus), a.rounds)
+        return
     if not a.formats_only:
         corpus_report(a)
+        store_report(corpus_files(a.corpus), a.rounds)
     if a.formats_mb > 0:
         formats_report(a.formats_mb, a.rounds)
 

@@ -32,7 +32,7 @@ CAPTURE = ["taken_at", "taken_at_source", "taken_offset_min", "camera_make", "ca
            "orientation", "gps_lat", "gps_lon", "decode_path"]
 V1_COLUMNS = {
     "images": {"id": "image_id", "file_sha256": "sha256", "created_at": "first_seen_at",
-               "path_original": None, **dict.fromkeys(CAPTURE)},
+               "path_original": None, "store_path": None, **dict.fromkeys(CAPTURE)},
     "image_hashes": {"phash64": "phash", "dhash64": "dhash", "ahash64": "ahash"},
     "image_embeddings": {"emb": "embedding"},
     "clusters": {"id": "cluster_id", "name": None, "name_source": None, "top_labels": None},
@@ -65,7 +65,8 @@ def test_the_designs_queries_run_verbatim(home: Path) -> None:
     with Catalog(home=home) as cat:
         for query in DESIGN_QUERIES:
             assert not cat.sql(query).empty, query
-        assert int(cat.sql("SELECT value FROM catalog_meta WHERE key = 'schema_version'")["value"][0]) == 2
+        version = cat.sql("SELECT value FROM catalog_meta WHERE key = 'schema_version'")["value"][0]
+        assert int(version) == SCHEMA_VERSION
         assert cat.sql("SELECT indexdef FROM pg_indexes WHERE tablename = 'images'")["indexdef"].str.contains(
             r"\(created_at\)").any()
         # path_original is the first path the bytes were found at.
@@ -108,14 +109,16 @@ def test_a_version_1_catalog_is_migrated_in_place_losing_nothing(home: Path) -> 
                             ).fetchone() == (0,)
         assert conn.execute("SELECT count(*) FROM image_cluster WHERE joined_at IS NULL").fetchone() == (0,)
     after = snapshot(v1)
-    assert (before["meta"].pop("schema_version"), after["meta"].pop("schema_version")) == ("1", "2")
+    versions = (before["meta"].pop("schema_version"), after["meta"].pop("schema_version"))
+    assert versions == ("1", str(SCHEMA_VERSION))
     assert after["other_tables"].pop("image_labels") == 0  # new in version 2
     assert before.pop("cluster_pool") == {}  # gone in version 2 (it was empty here)
     assert after == before, difference(after, before)
     # A reader (a notebook) opening a version 1 catalog migrates it too.
     reader = _v1_copy(home, "lookalike_v1_reader")
     with Catalog(home=home, dsn=reader) as cat:
-        assert cat.sql("SELECT value FROM catalog_meta WHERE key = 'schema_version'")["value"][0] == "2"
+        version = cat.sql("SELECT value FROM catalog_meta WHERE key = 'schema_version'")["value"][0]
+        assert version == str(SCHEMA_VERSION)
         assert not cat.similar(int(cat.sql("SELECT min(id) AS i FROM images")["i"][0]), k=3).empty
 
 
@@ -129,7 +132,7 @@ def test_a_catalog_newer_than_the_code_is_refused_in_one_line(
     monkeypatch.setenv("LOOKALIKE_DSN", newer)
     assert cli.main(["status", "--home", str(home)]) == 2
     err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "schema version 99, newer than this lookalike's 2" in err
+    assert "\n" not in err and f"schema version 99, newer than this lookalike's {SCHEMA_VERSION}" in err
 
 
 @pytest.mark.parametrize("statement", [

@@ -92,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     _wait(p)
     _common(p)
 
+    p = sub.add_parser("verify", help="check the store and the thumbnails against the catalog (exit 3 on "
+                                      "a problem)")
+    p.add_argument("--full", action="store_true", help="also read every stored original and check its sha256")
+    _common(p)
+
     p = sub.add_parser("report", help="static HTML report: cluster galleries, near-duplicates, errors")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for index.html and its thumbnails")
     p.add_argument("--per-cluster", type=int, default=24, metavar="N",
@@ -251,8 +256,34 @@ def cmd_report(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(cfg: Config, args: argparse.Namespace) -> int:
+    """One line per problem on stdout, a summary on stderr; 3 when there is any problem."""
+    from lookalike import store
+    from lookalike.db.runs import catalog_store
+    from lookalike.layout import Layout
+
+    with db.connect(cfg, create=False) as conn:
+        db.upgrade_schema(conn)
+        root = catalog_store(conn)
+        counts = store.VerifyCounts()
+        problems = 0
+        # A server-side cursor streams the rows: a million images are never held at once.
+        with conn.transaction(), conn.cursor(name="verify") as cur:
+            cur.execute("SELECT id, store_path, file_sha256, bytes, thumb_path FROM images ORDER BY id")
+            for problem in store.verify(iter(cur), root, Layout(cfg.home, root).thumbs, args.full, counts):
+                print(problem.line(), flush=True)
+                problems += 1
+    what = (f"{counts.stored_checked} stored originals ({'sha256' if args.full else 'sizes'}), "
+            f"{counts.unknown} files the catalog does not know" if root is not None else "no store")
+    temporary = f", {counts.temporary} temporary files (a run's)" if counts.temporary else ""
+    print(f"verify: {counts.images} images, {what}, {counts.thumbnails_checked} thumbnails{temporary}: "
+          f"{problems or 'no'} problems", file=sys.stderr)
+    return 3 if problems else 0
+
+
 COMMANDS = {"run": cmd_run, "recluster": cmd_recluster, "status": cmd_status, "sql": cmd_sql,
-            "similar": cmd_similar, "report": cmd_report, "find": cmd_find, "label": cmd_label}
+            "similar": cmd_similar, "report": cmd_report, "find": cmd_find, "label": cmd_label,
+            "verify": cmd_verify}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

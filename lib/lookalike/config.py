@@ -47,6 +47,7 @@ _RANGES: dict[str, tuple[float | None, float | None]] = {
 }
 _CHOICES: dict[str, tuple[str, ...]] = {
     "embed.backend": ("auto", "torch", "onnx"),
+    "store.mode": ("hardlink", "copy", "move"),
     "spark.log_level": ("ALL", "DEBUG", "INFO", "WARN", "ERROR", "FATAL", "OFF"),
 }
 

@@ -26,12 +26,14 @@ class IngestError(StrEnum):
     HEIF_DECODE = "heif_decode"      # a HEIC/HEIF/AVIF file no decoder could read
     TOO_LARGE = "too_large"          # over the decompression-bomb guard, or out of memory
     THUMBNAIL = "thumbnail"          # the thumbnail could not be written (the disk, not the file)
+    STORE = "store"                  # the original could not be filed into the store (the disk)
+    CHANGED = "changed"              # replaced or rewritten while it was being read
     # embed: from the thumbnail
     EMBED = "embed"                  # the thumbnail is gone and the original cannot replace it
 
 
 # Codes that describe the machine (a full or read-only disk), not the file: always retried.
-RETRIED = frozenset({IngestError.THUMBNAIL})
+RETRIED = frozenset({IngestError.THUMBNAIL, IngestError.STORE})
 
 
 def one_line(error: BaseException | str, limit: int = 300) -> str:

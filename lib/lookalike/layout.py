@@ -16,6 +16,7 @@ def file_safe(model_ver: str) -> str:
 @dataclass(frozen=True)
 class Layout:
     home: Path
+    store: Path | None = None  # the content-addressed store's root, when the catalog has one
 
     @property
     def pg(self) -> Path:
@@ -29,7 +30,8 @@ class Layout:
 
     @property
     def thumbs(self) -> Path:
-        return self.home / "thumbs"
+        """Thumbnails, <ab>/<cd>/<sha256>_<size>.jpg: in the store when there is one (DESIGN.md)."""
+        return self.store / "thumbs" if self.store is not None else self.home / "thumbs"
 
     @property
     def manifests(self) -> Path:

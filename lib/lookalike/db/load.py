@@ -26,17 +26,17 @@ _CAPTURE = ["taken_at", "taken_at_source", "taken_offset_min", "camera_make", "c
 # The features that go into the catalog (the dihedral pHashes serve the dedup stage only).
 _STAGE_COLUMNS = postgres_columns(schemas.FEATURES, [
     "path", "bytes", "mtime", "sha256", "width", "height", "format", "phash", "dhash", "ahash", "thumb",
-    *_CAPTURE, "error", "message"])
+    *_CAPTURE, "stored", "error", "message"])
 
 _UPSERTS = [
     """
 -- One new image per new sha256: the lexically first path's row describes it (path_original).
 INSERT INTO images (file_sha256, path_original, width, height, format, bytes, thumb_path, run_id,
                     taken_at, taken_at_source, taken_offset_min, camera_make, camera_model,
-                    lens, orientation, gps_lat, gps_lon, decode_path)
+                    lens, orientation, gps_lat, gps_lon, decode_path, store_path)
 SELECT DISTINCT ON (sha256) sha256, path, width, height, format, bytes, thumb, %(run_id)s,
        taken_at, taken_at_source, taken_offset_min, camera_make, camera_model, lens, orientation, gps_lat,
-       gps_lon, decode_path
+       gps_lon, decode_path, stored
 FROM stage WHERE error IS NULL ORDER BY sha256, path
 ON CONFLICT (file_sha256) DO NOTHING
 RETURNING file_sha256, id

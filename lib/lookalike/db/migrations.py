@@ -9,13 +9,15 @@ catalogued before them); clusters gain name, name_source and top_labels; cluster
 loses its primary key (a refit that keeps a category's id records the same pair again); the
 image_labels table is new; cluster_pool goes (every image gets its category when its run
 ends). Foreign keys follow the renamed columns by themselves.
+
+Schema 2 -> 3: images gain store_path (the content-addressed store, lookalike.store).
 """
 
 from __future__ import annotations
 
 import psycopg
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 class CatalogTooNew(RuntimeError):
@@ -53,7 +55,11 @@ DROP TABLE cluster_pool;
 ALTER TABLE cluster_transitions DROP CONSTRAINT IF EXISTS cluster_transitions_pkey;
 """
 
-_STEPS = {1: _V1_TO_V2}
+_V2_TO_V3 = """
+ALTER TABLE images ADD COLUMN IF NOT EXISTS store_path TEXT;
+"""
+
+_STEPS = {1: _V1_TO_V2, 2: _V2_TO_V3}
 
 
 def catalog_version(conn: psycopg.Connection) -> int | None:

@@ -3,7 +3,8 @@
 A run (an incremental `run` or a `recluster`) is a row in `runs` from its start: 'running',
 then 'ok' with its summary, 'failed' with the reason, or 'interrupted' when the next writer
 finds it still 'running' (it was killed). The catalog's embedding model is chosen once, when
-the first run pins it, and changed only by a recluster.
+the first run pins it, and changed only by a recluster; its store (lookalike.store) once, by
+its first run.
 """
 
 from __future__ import annotations
@@ -12,14 +13,16 @@ import contextlib
 import json
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 
 import psycopg
 
 from lookalike import db
-from lookalike.config import Config
+from lookalike.config import Config, ConfigError
 from lookalike.errors import one_line
 from lookalike.models.registry import OPEN_CLIP_PREFIX, ModelSpec, resolve_model
 from lookalike.progress import say
+from lookalike.store import StoreSettings
 
 
 class ModelMismatch(RuntimeError):
@@ -110,3 +113,31 @@ def catalog_model(conn: psycopg.Connection, cfg: Config, pin: bool = False) -> M
 def set_active_model(conn: psycopg.Connection, name: str, model_ver: str) -> None:
     db.set_meta(conn, "active_model", name)
     db.set_meta(conn, "active_model_ver", model_ver)
+
+
+# --------------------------------------------------------------------------- the catalog's store
+
+
+def _where(root: str) -> str:
+    return f"files its images in the store {root}" if root else "catalogues files where they lie"
+
+
+def catalog_store(conn: psycopg.Connection, cfg: Config | None = None) -> Path | None:
+    """The catalog's store root (None: files are catalogued in place).
+
+    With `cfg` (a writing run), a catalog's first run records the configured `[store] root`;
+    later runs must name the same one (ConfigError otherwise: one catalog, one store, or its
+    rows would point into two). A catalog from before the store has none.
+    """
+    recorded = db.get_meta(conn, "store_root")
+    if cfg is not None:
+        wanted = StoreSettings.from_config(cfg).root
+        if recorded is None:
+            empty = conn.execute("SELECT NOT EXISTS (SELECT 1 FROM images)").fetchone()[0]
+            recorded = wanted if empty else ""
+            with conn.transaction():
+                db.set_meta(conn, "store_root", recorded)
+        if wanted != recorded:
+            raise ConfigError(f"this catalog {_where(recorded)}, but [store] root is "
+                              f"{wanted or 'empty'}: a catalog keeps the store it was created with")
+    return Path(recorded) if recorded else None

@@ -1,4 +1,4 @@
--- lookalike catalog, schema version 2: the original design's tables and columns (DESIGN.md,
+-- lookalike catalog, schema version 3: the original design's tables and columns (DESIGN.md,
 -- "Catalog contract"), plus lookalike's own. Applied idempotently by lookalike.db.schema;
 -- a version 1 catalog is migrated first (lookalike/db/migrations.py).
 -- {vector} is replaced by `vector` (pgvector) or `bytea` (float32 little-endian) at creation.
@@ -52,7 +52,10 @@ CREATE TABLE IF NOT EXISTS images (
     orientation      SMALLINT,                 -- EXIF orientation 1-8 (already applied to width/height)
     gps_lat          DOUBLE PRECISION,         -- only with [extract] keep_gps = true
     gps_lon          DOUBLE PRECISION,
-    decode_path      TEXT                      -- decode | preview (a RAW's embedded JPEG) | demosaic
+    decode_path      TEXT,                     -- decode | preview (a RAW's embedded JPEG) | demosaic
+    -- The original's copy in the content-addressed store, <root>/ab/cd/<sha256>.<ext> (null when
+    -- the catalog has no store: the files are where image_paths says).
+    store_path       TEXT
 );
 CREATE INDEX IF NOT EXISTS images_created_at ON images (created_at);
 CREATE INDEX IF NOT EXISTS images_taken_at ON images (taken_at);

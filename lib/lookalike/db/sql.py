@@ -4,8 +4,10 @@ from __future__ import annotations
 
 # The active model_ver as a scalar subquery: every cluster query filters on it.
 ACTIVE_VER = "(SELECT value FROM catalog_meta WHERE key = 'active_model_ver')"
-# The lexically first path of an image (the one the pipeline describes it by), via the path index.
-FIRST_PATH = "(SELECT min(p.path) FROM image_paths p WHERE p.image_id = {0})"
+# Where to open an image: its copy in the store when the catalog has one (always there, even after
+# `move` removed the source), else the lexically first path it was found at (via the path index).
+OPEN_PATH = ("coalesce((SELECT s.store_path FROM images s WHERE s.id = {0}), "
+             "(SELECT min(p.path) FROM image_paths p WHERE p.image_id = {0}))")
 PATH_COUNT = "(SELECT count(*) FROM image_paths p WHERE p.image_id = {0})"
 # Which of near-duplicate images to keep (or list first): a camera RAW (the master of a RAW+JPEG
 # pair), then the largest resolution, then the most bytes.

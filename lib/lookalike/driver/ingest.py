@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from lookalike import db
+from lookalike import db, store
 from lookalike.cluster.algorithm import ClusterConfig
 from lookalike.cluster.names import name_new_members
 from lookalike.cluster.store import ClusterCounts, assign_new
@@ -52,6 +52,7 @@ class RunSummary:
     clusters: ClusterCounts = field(default_factory=ClusterCounts)
     dups: DedupCounts = field(default_factory=DedupCounts)
     joined: dict[str, int] = field(default_factory=dict)  # new images per category name
+    store: store.StoreCounts = field(default_factory=store.StoreCounts)
     seconds: float = 0.0
 
     def as_dict(self) -> dict[str, object]:
@@ -59,6 +60,7 @@ class RunSummary:
         d.update(d.pop("counts"))
         d.update({f"clusters_{k}": v for k, v in d.pop("clusters").items()})
         d.update({f"near_duplicate_{k}": v for k, v in d.pop("dups").items()})
+        d.update({f"store_{k}": v for k, v in d.pop("store").items()})
         return d
 
     def describe(self) -> str:
@@ -66,12 +68,16 @@ class RunSummary:
         top = sorted(self.joined.items(), key=lambda kv: (-kv[1], kv[0]))
         where = "; " + ", ".join(f"{n} joined {name}" for name, n in top[:5]) if top else ""
         more = f" and {len(top) - 5} more categories" if len(top) > 5 else ""
+        s = self.store
+        stored = (f"; store: {s.linked} linked, {s.copied} copied, {s.existing} there already"
+                  + (f", {s.removed} sources removed" if s.removed else "")
+                  if s.linked + s.copied + s.existing else "")
         return (f"run {self.run_id}: {c.files} files in {self.manifests} manifests, "
                 f"{c.new_images} new images, {c.exact_copies} exact copies, {c.errors} errors{where}{more}; "
                 f"{self.dups.pairs} near-duplicate pairs; "
                 f"clusters: {k.joined} joined, {k.created} created"
                 + (f", {k.refits} full re-clusterings" if k.refits else "")
-                + f" ({self.seconds:.1f} s)")
+                + f"{stored} ({self.seconds:.1f} s)")
 
 
 def check_roots(roots: list[str]) -> list[str]:
@@ -87,11 +93,14 @@ def check_roots(roots: list[str]) -> list[str]:
 class Ingest:
     """The driver of one run: the catalog connection, the Spark stages, the model, the indexes."""
 
-    def __init__(self, cfg: Config, conn: psycopg.Connection, vector_type: str) -> None:
+    def __init__(self, cfg: Config, conn: psycopg.Connection, vector_type: str,
+                 store_root: Path | None = None) -> None:
         self.cfg = cfg
         self.conn = conn
         self.vector_type = vector_type
-        self.layout = Layout(cfg.home)
+        self.layout = Layout(cfg.home, store_root)
+        self.store = store.StoreSettings.from_config(cfg)
+        self.stored = store.StoreCounts()
         self.stages = SparkStages(cfg, self.layout)
         self._model: ModelSpec | None = None
         self._indexes: DedupIndexes | None = None
@@ -151,6 +160,8 @@ class Ingest:
         found = found.rename_columns([c.removesuffix("_first") for c in found.column_names])
         known = self._known_files(retry_errors)
         table = found.join(known, ["path", "bytes", "mtime"], join_type="left anti")
+        if self.store.mode == "move" and self.store.enabled:
+            self._remove_moved(found.join(known, ["path", "bytes", "mtime"], join_type="inner"))
         table = table.select(schemas.MANIFEST.names).cast(schemas.MANIFEST).sort_by("path")
         ids = self._write_manifests(table, run_id)
         say(f"scan: {table.num_rows} new files in {len(ids)} manifests "
@@ -171,6 +182,53 @@ class Ingest:
                                    int(pc.sum(part["bytes"]).as_py() or 0))
         return ids
 
+    def run(self, roots: list[str], run_id: int, retry_errors: bool) -> RunSummary:
+        """Unfinished manifests first, then the new files of `roots`, manifest by manifest."""
+        summary = RunSummary(run_id=run_id)
+        resumed = runs.pending_manifests(self.conn)
+        if resumed:
+            say(f"resuming {len(resumed)} unfinished manifests")
+        for manifest_id in resumed:
+            summary.counts.add(self.process(manifest_id, run_id))
+        new_ids = self.scan(roots, run_id, retry_errors)
+        for manifest_id in new_ids:
+            summary.counts.add(self.process(manifest_id, run_id))
+        if self.vector_type == "vector" and self.pinned:
+            vector_index.ensure_index(self.conn, self.model.model_ver, self.model.dim)
+        summary.manifests = len(resumed) + len(new_ids)
+        summary.clusters = self.clusters
+        summary.dups = self.dups
+        summary.joined = dict(self.joined)
+        summary.store = self.stored
+        return summary
+
+    # -- the store ----------------------------------------------------------------------
+    def _count_filed(self, features: pa.Table) -> None:
+        if "store_action" not in features.column_names:  # a stage written before the store
+            return
+        actions = Counter(a for a in features["store_action"].to_pylist() if a is not None)
+        copied = actions["copy"]
+        if copied and self.store.mode != "copy" and not self.stored.copied:
+            say(f"store: {copied} files copied, not linked: they are on another filesystem than "
+                f"{self.store.root} (or it refuses links)")  # once a run
+        self.stored.add(store.StoreCounts(linked=actions["link"], copied=copied, existing=actions["exists"]))
+
+    def _remove_moved(self, rows: pa.Table) -> None:
+        """`move`: remove the sources of catalogued files that have their stored copy. Called after a
+        manifest commits, and at the scan for sources a killed run left behind after its commit."""
+        if rows.num_rows == 0:
+            return
+        stored = dict(self.conn.execute(
+            "SELECT p.path, i.store_path FROM image_paths p JOIN images i ON i.id = p.image_id "
+            "WHERE p.path = ANY(%s) AND i.store_path IS NOT NULL", (rows["path"].to_pylist(),)).fetchall())
+        mtimes = rows["mtime"].cast(pa.timestamp("us")).cast(pa.int64()).to_pylist()  # µs since the epoch
+        removed = 0
+        for path, size, mtime in zip(rows["path"].to_pylist(), rows["bytes"].to_pylist(), mtimes,
+                                     strict=True):
+            if path in stored and store.remove_source(path, size, mtime, stored[path]):
+                removed += 1
+        self.stored.removed += removed
+
     # -- one manifest, start to end ---------------------------------------------------
     def new_images(self, features: pa.Table, spec: ModelSpec) -> pa.Table:
         """One row per decodable sha256 of the manifest that has no vector of `spec` yet."""
@@ -185,6 +243,8 @@ class Ingest:
 
     def process(self, manifest_id: str, run_id: int) -> load.LoadCounts:
         features = self.stages.extract(manifest_id)
+        if self.store.enabled:
+            self._count_filed(features)
         spec = self.model
         embeddings = self.stages.embed(manifest_id, self.new_images(features, spec), spec)
         indexes = self.indexes  # opened before the transaction: in step with committed rows only
@@ -204,6 +264,9 @@ class Ingest:
             joined = name_new_members(cur, spec.model_ver, ids, everything=clusters.refits > 0)
             load.mark_loaded(cur, manifest_id)
         indexes.commit(new)
+        if self.store.mode == "move" and self.store.enabled:
+            good = features.filter(pc.is_null(features["error"]))
+            self._remove_moved(good.select(["path", "bytes", "mtime"]))
         # Loaded: the catalog holds it all (the embeddings stage alone is ~5 KB an image).
         shutil.rmtree(self.layout.stages(manifest_id), ignore_errors=True)
         self.clusters.add(clusters)
@@ -219,27 +282,14 @@ def run(cfg: Config, roots: list[str], retry_errors: bool = False, wait: bool = 
     a run already writing to the catalog instead of raising CatalogBusy."""
     started = time.monotonic()
     roots = check_roots(roots)
-    with db.writer(cfg, wait) as (conn, vector_type), runs.recorded_run(conn, "run", roots) as run_id:
-        summary = RunSummary(run_id=run_id)
-        ingest = Ingest(cfg, conn, vector_type)
-        resumed = runs.pending_manifests(conn)
-        if resumed:
-            say(f"resuming {len(resumed)} unfinished manifests")
-        for manifest_id in resumed:
-            summary.counts.add(ingest.process(manifest_id, run_id))
-        new_ids = ingest.scan(roots, run_id, retry_errors)
-        for manifest_id in new_ids:
-            summary.counts.add(ingest.process(manifest_id, run_id))
-        if vector_type == "vector" and ingest.pinned:
-            vector_index.ensure_index(conn, ingest.model.model_ver, ingest.model.dim)
-        summary.manifests = len(resumed) + len(new_ids)
-        summary.clusters = ingest.clusters
-        summary.dups = ingest.dups
-        summary.joined = dict(ingest.joined)
-        summary.seconds = time.monotonic() - started
-        with conn.transaction():
-            runs.finish_run(conn, run_id, summary.as_dict())
-        return summary
+    with db.writer(cfg, wait) as (conn, vector_type):
+        store_root = runs.catalog_store(conn, cfg)  # a store other than the catalog's: refused here
+        with runs.recorded_run(conn, "run", roots) as run_id:
+            summary = Ingest(cfg, conn, vector_type, store_root).run(roots, run_id, retry_errors)
+            summary.seconds = time.monotonic() - started
+            with conn.transaction():
+                runs.finish_run(conn, run_id, summary.as_dict())
+            return summary
 
 
 def embedded_ids(cur: psycopg.Cursor, embeddings: pa.Table) -> tuple[np.ndarray, np.ndarray]:

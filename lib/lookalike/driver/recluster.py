@@ -27,7 +27,7 @@ from lookalike.cluster.store import cluster_all
 from lookalike.config import Config
 from lookalike.db import runs, vector_index
 from lookalike.db.load import copy_embeddings
-from lookalike.db.sql import FIRST_PATH
+from lookalike.db.sql import OPEN_PATH
 from lookalike.driver.stages import SparkStages
 from lookalike.layout import Layout
 from lookalike.models.registry import resolve_model
@@ -54,8 +54,8 @@ class ReclusterSummary:
 
 def recluster(cfg: Config, model: str | None = None, wait: bool = False) -> ReclusterSummary:
     started = time.monotonic()
-    layout = Layout(cfg.home)
     with db.writer(cfg, wait) as (conn, vector_type):
+        layout = Layout(cfg.home, runs.catalog_store(conn))  # thumbnails where the catalog keeps them
         old_ver = db.get_meta(conn, "active_model_ver")
         requested = model or db.get_meta(conn, "active_model") or cfg["embed"]["model"]
         spec = resolve_model(requested, clip_checkpoint=cfg["embed"]["clip_checkpoint"] or None)
@@ -114,7 +114,7 @@ def _images_to_embed(conn: psycopg.Connection, model_ver: str, batch: int) -> It
     last = 0
     while True:
         rows = conn.execute(
-            f"SELECT i.id, i.file_sha256, i.thumb_path, {FIRST_PATH.format('i.id')} "
+            f"SELECT i.id, i.file_sha256, i.thumb_path, {OPEN_PATH.format('i.id')} "
             f"{_WITHOUT_VECTOR} AND i.id > %s ORDER BY i.id LIMIT %s",
             (model_ver, last, batch)).fetchall()
         if not rows:

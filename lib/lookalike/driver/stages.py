@@ -17,6 +17,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
+from lookalike import store
 from lookalike.config import Config
 from lookalike.layout import Layout, file_safe
 from lookalike.models.registry import ModelSpec
@@ -77,6 +78,8 @@ class SparkStages:
             sizes = pq.read_table(self.layout.manifest(manifest_id), columns=["bytes"])["bytes"]
             settings = ExtractSettings.from_config(self.cfg, self.layout.thumbs)
             prepare_thumbs_dir(self.layout.thumbs)  # fail the run once, not every file
+            if settings.store is not None and settings.store.enabled:
+                store.prepare(settings.store.root)  # and clear a killed run's temporary files
             tasks = extract_tasks(len(sizes), pc.sum(sizes).as_py() or 0, self.cfg["extract"]["task_bytes"],
                                   self.cores)
             with stage(f"extract {manifest_id}", len(sizes), self.spark):
@@ -91,7 +94,8 @@ class SparkStages:
         out = self.layout.stage(name, "embeddings-" + file_safe(spec.model_ver))
         if not Layout.is_complete(out):
             settings = self._embed_settings(spec)
-            extract = ExtractSettings.from_config(self.cfg, self.layout.thumbs)
+            # store=False: a lost thumbnail is made again from the original, which is filed already.
+            extract = ExtractSettings.from_config(self.cfg, self.layout.thumbs, store=False)
             tasks = embed_tasks(rows.num_rows, self.cores, settings.batch_size)
             with stage(f"embed {name}", rows.num_rows, self.spark):
                 inputs = self.layout.stage(name, "embed-input")

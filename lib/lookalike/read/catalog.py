@@ -25,7 +25,8 @@ from lookalike import db
 from lookalike.cluster.names import name_by_analyst
 from lookalike.config import Config, load_config
 from lookalike.db import vector_index
-from lookalike.db.sql import ACTIVE_VER, FIRST_PATH, KEEP_ORDER, PATH_COUNT, hamming_sql
+from lookalike.db.runs import catalog_store
+from lookalike.db.sql import ACTIVE_VER, KEEP_ORDER, OPEN_PATH, PATH_COUNT, hamming_sql
 from lookalike.db.vector_io import read_vectors
 from lookalike.labels.hierarchy import classes_under
 from lookalike.layout import Layout
@@ -40,14 +41,15 @@ class Catalog:
     """A catalog opened for reading: an embedded home, or any PostgreSQL by DSN.
 
     home/config are as for the CLI's --home/--config (config may also be a loaded Config);
-    dsn overrides catalog.dsn and LOOKALIKE_DSN. Thumbnails are read from <home>/thumbs.
+    dsn overrides catalog.dsn and LOOKALIKE_DSN. Thumbnails are read from <home>/thumbs, or from
+    the catalog's store (lookalike.store) when it has one.
     """
 
     def __init__(self, home: str | Path | None = None, config: str | Path | Config | None = None,
                  dsn: str | None = None) -> None:
         cfg = config if isinstance(config, Config) else load_config(config)
         self.cfg = cfg.with_home(home)
-        self.layout = Layout(self.cfg.home)
+        self.layout = Layout(self.cfg.home)  # with the catalog's store once it is open
         self._dsn = dsn or self.cfg.dsn
         self.conn = db.connect(self.cfg, dsn, create=False)
         try:
@@ -56,6 +58,7 @@ class Catalog:
             if self.conn.execute("SELECT to_regclass('catalog_meta')").fetchone()[0] is None:
                 raise db.CatalogUnavailable(f"{self.where} holds no lookalike catalog yet: "
                                             "`lookalike run ROOT` creates it")
+            self.layout = Layout(self.cfg.home, catalog_store(self.conn))
             self.vector_type = db.get_meta(self.conn, "vector_type") or "bytea"
             if self.vector_type == "vector":
                 db.register_vector(self.conn)
@@ -115,10 +118,11 @@ class Catalog:
 
     def images(self) -> pd.DataFrame:
         """One row per distinct content (images.id as image_id, as in every frame): size, format,
-        bytes, where it was first found, how many paths it has now and the first of them."""
+        bytes, where it was first found, how many paths it has now and the first of them, and its
+        copy in the store (null without one)."""
         return self.sql(
             "SELECT i.id AS image_id, i.file_sha256, i.path_original, i.width, i.height, i.format, i.bytes, "
-            "coalesce(p.paths, 0) AS paths, p.path, i.thumb_path, i.created_at, i.run_id "
+            "coalesce(p.paths, 0) AS paths, p.path, i.store_path, i.thumb_path, i.created_at, i.run_id "
             "FROM images i LEFT JOIN (SELECT image_id, count(*) AS paths, min(path) AS path "
             "FROM image_paths GROUP BY image_id) p ON p.image_id = i.id ORDER BY i.id")
 
@@ -157,7 +161,7 @@ class Catalog:
         """Detected pairs (image_id < other_id), one row per method, with their group and paths."""
         return self.sql(
             f"SELECT n.image_id, n.other_id, n.method, n.distance, g.group_id, "
-            f"{FIRST_PATH.format('n.image_id')} AS path, {FIRST_PATH.format('n.other_id')} AS other_path "
+            f"{OPEN_PATH.format('n.image_id')} AS path, {OPEN_PATH.format('n.other_id')} AS other_path "
             "FROM near_duplicates n LEFT JOIN image_dup_group g USING (image_id) "
             "ORDER BY g.group_id, n.image_id, n.other_id, n.method")
 
@@ -179,7 +183,7 @@ WITH m AS (
 SELECT m.group_id, m.group_size, m.rank, m.rank = 1 AS keep, m.image_id, m.width, m.height,
        m.width::bigint * m.height AS pixels, m.bytes, m.format,
        {hamming_sql("hm.phash64", "hk.phash64")} AS phash_to_keep, d.method, d.distance,
-       {FIRST_PATH.format('m.image_id')} AS path, {PATH_COUNT.format('m.image_id')} AS paths,
+       {OPEN_PATH.format('m.image_id')} AS path, {PATH_COUNT.format('m.image_id')} AS paths,
        m.file_sha256, m.thumb_path
 FROM m JOIN k USING (group_id)
 LEFT JOIN image_hashes hm ON hm.image_id = m.image_id
@@ -212,7 +216,7 @@ GROUP BY c.id ORDER BY images DESC, c.id""")
 SELECT * FROM (
     SELECT ic.cluster_id, ic.image_id, ic.sim_score, ic.joined_at,
            row_number() OVER (PARTITION BY ic.cluster_id ORDER BY ic.sim_score DESC, ic.image_id) AS rank,
-           i.width, i.height, i.format, i.bytes, {FIRST_PATH.format('ic.image_id')} AS path, i.thumb_path
+           i.width, i.height, i.format, i.bytes, {OPEN_PATH.format('ic.image_id')} AS path, i.thumb_path
     FROM image_cluster ic JOIN images i ON i.id = ic.image_id
     WHERE ic.model_ver = {ACTIVE_VER} AND (%(cid)s::bigint IS NULL OR ic.cluster_id = %(cid)s)
 ) r WHERE %(limit)s::int IS NULL OR rank <= %(limit)s
@@ -247,7 +251,7 @@ ORDER BY cluster_id, rank""", {"cid": cluster_id, "limit": limit})
         return self.sql(
             f"""
 SELECT l.image_id, l.label, l.score, ic.cluster_id, c.name AS category,
-       {FIRST_PATH.format('l.image_id')} AS path
+       {OPEN_PATH.format('l.image_id')} AS path
 FROM (SELECT image_id, (array_agg(label ORDER BY score DESC))[1] AS label, sum(score)::float8 AS score
       FROM image_labels WHERE model_ver = {ACTIVE_VER} AND class_id = ANY(%(classes)s) GROUP BY image_id
       -- its most likely label is under the word, or its top-5 put half their probability there
@@ -264,7 +268,7 @@ ORDER BY l.score DESC, l.image_id LIMIT %(limit)s""", {"classes": classes, "limi
 
     # -- thumbnails and search ----------------------------------------------------------
     def thumbnail_path(self, image_id: int) -> Path:
-        """<home>/thumbs/<images.thumb_path> of an image (KeyError if there is no such image)."""
+        """The thumbnail folder's <images.thumb_path> of an image (KeyError if there is no such image)."""
         row = self.conn.execute("SELECT thumb_path FROM images WHERE id = %s", (image_id,)).fetchone()
         if row is None:
             raise KeyError(f"no image {image_id} in the catalog")

@@ -33,7 +33,7 @@ from PIL import Image
 from lookalike.cluster.names import display
 from lookalike.config import Config
 from lookalike.db import runs, vector_index
-from lookalike.db.sql import ACTIVE_VER, FIRST_PATH
+from lookalike.db.sql import ACTIVE_VER, OPEN_PATH
 from lookalike.db.vector_io import stored_vectors, vector_from_db, vector_to_db
 from lookalike.dedup.indexes import DedupIndexes
 from lookalike.dedup.pairs import NearDupConfig, NewImages, find_pairs
@@ -157,7 +157,7 @@ def _prepare(cat: CatalogReader, query: QueryInput, tmp: Path) -> Query:
 
 
 def _from_file(cat: CatalogReader, path: Path, tmp: Path, label: str) -> Query:
-    settings = ExtractSettings.from_config(cat.cfg, tmp / "thumbs")
+    settings = ExtractSettings.from_config(cat.cfg, tmp / "thumbs", store=False)  # a query is not filed
     row = extract_file(str(path), settings)
     if row["error"] is not None:
         raise QueryError(f"{label}: {row['message']}")
@@ -171,7 +171,7 @@ def _from_file(cat: CatalogReader, path: Path, tmp: Path, label: str) -> Query:
 def _from_catalog(cat: CatalogReader, image_id: int) -> Query:
     row = cat.conn.execute(
         f"SELECT i.file_sha256, h.phash64, h.hash_version, i.width, i.height, i.format, i.bytes, "
-        f"{FIRST_PATH.format('i.id')} FROM images i "
+        f"{OPEN_PATH.format('i.id')} FROM images i "
         "LEFT JOIN image_hashes h ON h.image_id = i.id WHERE i.id = %s", (image_id,)).fetchone()
     if row is None:
         raise QueryError(f"no image {image_id} in the catalog")
@@ -363,15 +363,16 @@ def _results(cat: CatalogReader, hits: list[Hit], attrs: dict[str, object]) -> p
     info = {row[0]: row[1:] for row in cat.conn.execute(
         "SELECT i.id, i.width, i.height, i.format, i.bytes, "
         "array(SELECT p.path FROM image_paths p WHERE p.image_id = i.id ORDER BY p.path), i.thumb_path, "
-        "c.id, c.name FROM images i LEFT JOIN image_cluster ic ON ic.image_id = i.id AND ic.model_ver = "
+        "c.id, c.name, i.store_path FROM images i LEFT JOIN image_cluster ic ON ic.image_id = i.id AND ic.model_ver = "
         f"{ACTIVE_VER} LEFT JOIN clusters c ON c.id = ic.cluster_id WHERE i.id = ANY(%s)", (ids,)).fetchall()}
     rows = []
     for kind in ("exact", "near-duplicate", "semantic"):
         of_kind = [h for h in hits if h[0] == kind]
         for rank, (_, image_id, distance, method, transform) in enumerate(of_kind, 1):
-            width, height, fmt, size, paths, thumb, cluster_id, name = info[image_id]
+            width, height, fmt, size, paths, thumb, cluster_id, name, stored = info[image_id]
+            # `path` opens the image (its stored copy when there is a store); `paths`: where found.
             rows.append((kind, rank, image_id, distance, method, transform, width, height, fmt, size,
-                         paths[0] if paths else None, paths, thumb,
+                         stored or (paths[0] if paths else None), paths, thumb,
                          display(name, cluster_id) if cluster_id is not None else None))
     df = pd.DataFrame(rows, columns=RESULT_COLUMNS)
     df.attrs.update(attrs)

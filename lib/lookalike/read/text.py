@@ -40,6 +40,8 @@ def format_results(df: pd.DataFrame, cfg: Config, k: int) -> str:
                 lines.append(f"  image {r.image_id}  {r.width}x{r.height} {r.format}  "
                              f"{len(r.paths)} path(s):")
                 lines += [f"    {p}" for p in r.paths]
+                if r.path and r.path not in r.paths:
+                    lines.append(f"    stored: {r.path}")
             continue
         lines += _table(part, kind)
     return "\n".join(lines)
@@ -55,7 +57,7 @@ def _table(part: pd.DataFrame, kind: str) -> list[str]:
         return f"{r.method} ({r.transform})" if r.transform else r.method
 
     def path(r: Any) -> str:
-        more = len(r.paths) - 1
+        more = len(r.paths) - (r.path in r.paths)  # a stored copy is not one of the found paths
         return f"{r.path or '(no path left)'}" + (f"  (+{more} more)" if more > 0 else "")
 
     columns: list[tuple[str, list[str], bool]] = [

@@ -31,6 +31,7 @@ from lookalike.files import replacing
 from lookalike.stages import schemas
 from lookalike.stages.formats import Decoded, FormatError, capture_info, decode_image, is_raw, probe_raw
 from lookalike.stages.hashing import dihedral_phashes, image_hashes
+from lookalike.store import ChangedError, Filing, StoreSettings, filing
 
 READ_CHUNK = 8 << 20
 
@@ -54,12 +55,15 @@ class ExtractSettings:
     max_read_bytes: int = 256 << 20
     keep_gps: bool = False
     exif_timezone: str = "UTC"  # the zone of EXIF times written without an offset
+    store: StoreSettings | None = None  # where originals are filed; None: catalogued in place
 
     @classmethod
-    def from_config(cls, cfg: Any, thumbs_dir: Path) -> ExtractSettings:
+    def from_config(cls, cfg: Any, thumbs_dir: Path, store: bool = True) -> ExtractSettings:
+        """The run's settings; `store=False` for a reader's extract (a query file is never filed)."""
         e = cfg["extract"]
         return cls(str(thumbs_dir), e["thumb_size"], e["thumb_quality"], e["max_image_pixels"],
-                   e["max_read_bytes"], e["keep_gps"], e["exif_timezone"])
+                   e["max_read_bytes"], e["keep_gps"], e["exif_timezone"],
+                   StoreSettings.from_config(cfg) if store else None)
 
 
 class ExtractError(Exception):
@@ -85,8 +89,10 @@ def _bomb_guard(max_pixels: int) -> Iterator[None]:
         yield
 
 
-def _read_once(path: str, settings: ExtractSettings) -> tuple[str, bytes | None, float]:
+def _read_once(path: str, settings: ExtractSettings,
+               filer: Filing | None = None) -> tuple[str, bytes | None, float]:
     """sha256 of the file, its bytes when it is small enough to hold in memory, and its mtime.
+    With a store, the same read feeds the stored copy of a file too large to hold (`filer`).
 
     Refuses anything that is not a regular file (FIFOs would block, devices never end). A file
     too large to hold is identified from its header first: gigabytes that no decoder claims
@@ -119,9 +125,12 @@ def _read_once(path: str, settings: ExtractSettings) -> tuple[str, bytes | None,
         digest = hashlib.sha256()
         chunks: list[bytes] = []
         held = 0
+        tee = filer.tee(st, keep) if filer is not None else None
         try:
             while chunk := f.read(READ_CHUNK):
                 digest.update(chunk)
+                if tee is not None:
+                    _spool(tee, chunk)
                 if keep:
                     chunks.append(chunk)
                     held += len(chunk)
@@ -132,6 +141,13 @@ def _read_once(path: str, settings: ExtractSettings) -> tuple[str, bytes | None,
     if keep:
         return digest.hexdigest(), b"".join(chunks), st.st_mtime
     return digest.hexdigest(), None, st.st_mtime
+
+
+def _spool(tee: Any, chunk: bytes) -> None:
+    try:
+        tee.write(chunk)
+    except OSError as e:
+        raise ExtractError(IngestError.STORE, f"cannot write the store: {e.strerror or e}") from None
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
@@ -236,9 +252,16 @@ def extract_file(path: str, settings: ExtractSettings, mtime: Any = None) -> dic
     """
     row: dict[str, Any] = dict.fromkeys(FEATURE_COLUMNS)
     row["path"] = path
+    with filing(settings.store, path) as filer:
+        _extract_into(row, path, settings, mtime, filer)
+    return row
+
+
+def _extract_into(row: dict[str, Any], path: str, settings: ExtractSettings, mtime: Any,
+                  filer: Filing | None) -> None:
     try:
         try:
-            sha, data, file_mtime = _read_once(path, settings)
+            sha, data, file_mtime = _read_once(path, settings, filer)
             row["sha256"] = sha
             thumb, decoded = decode_thumbnail(data if data is not None else path, settings,
                                               os.path.splitext(path)[1])
@@ -261,11 +284,17 @@ def extract_file(path: str, settings: ExtractSettings, mtime: Any = None) -> dic
             _write_thumbnail(thumb, Path(settings.thumbs_dir) / rel, settings.thumb_quality)
         except OSError as e:
             raise ExtractError(IngestError.THUMBNAIL, f"cannot write thumbnail: {one_line(e)}") from None
+        if filer is not None:
+            try:
+                row["stored"], row["store_action"] = filer.finish(sha, decoded.format, data)
+            except ChangedError as e:
+                raise ExtractError(IngestError.CHANGED, str(e)) from None
+            except OSError as e:
+                raise ExtractError(IngestError.STORE, f"cannot write the store: {one_line(e)}") from None
         row.update(format=decoded.format, width=decoded.width, height=decoded.height, thumb=rel)
         row.update(_capture_columns(decoded, mtime if mtime is not None else file_mtime, settings))
     except ExtractError as e:
-        row.update(error=e.code, message=str(e))
-    return row
+        row.update(error=e.code, message=str(e), stored=None, store_action=None)
 
 
 def extract_batches(batches: Iterator[pd.DataFrame], settings: ExtractSettings) -> Iterator[pd.DataFrame]:

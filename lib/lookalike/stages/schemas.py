@@ -39,6 +39,8 @@ FEATURES = pa.schema([
     ("gps_lat", pa.float64()),                   # degrees, null unless [extract] keep_gps
     ("gps_lon", pa.float64()),
     ("decode_path", pa.string()),                # 'preview' | 'demosaic' (camera RAW) | 'decode'
+    ("stored", pa.string()),                     # the absolute path of the stored copy (lookalike.store)
+    ("store_action", pa.string()),               # 'link' | 'copy' | 'exists'; null in place
     ("error", pa.string()),
     ("message", pa.string()),
 ])
