@@ -3,28 +3,29 @@
 from __future__ import annotations
 
 import argparse
-import logging
-import signal
+import os
 import sys
 from collections.abc import Sequence
 
 import psycopg
 
-from lookalike import db
+from lookalike import db, failures, logs, preflight
 from lookalike.cluster.names import display, name_by_analyst
 from lookalike.config import Config, ConfigError, load_config
 from lookalike.db.migrations import CatalogTooNew
+from lookalike.db.runs import ModelMismatch
 from lookalike.errors import one_line
 from lookalike.labels.hierarchy import UnknownWordError
 from lookalike.read.text import FORMATS, format_rows
-
-log = logging.getLogger(__name__)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--home", help="catalog home (default: catalog.home from the config)")
     p.add_argument("--config", help="TOML file overriding conf/lookalike.toml")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="more detail: INFO lines and libraries' warnings")
+    p.add_argument("--debug", action="store_true",
+                   help="everything, and a failure's traceback (also LOOKALIKE_DEBUG=1)")
 
 
 def _wait(p: argparse.ArgumentParser) -> None:
@@ -34,14 +35,6 @@ def _wait(p: argparse.ArgumentParser) -> None:
 
 class QueryFailed(RuntimeError):
     """The database refused an analyst's query; the message is its one-line error."""
-
-
-class Terminated(BaseException):
-    """SIGTERM (a scheduler's stop, systemd, kill): unwinds like Ctrl-C, so the run is marked failed."""
-
-
-def _raise_terminated(signum: int, frame: object) -> None:
-    raise Terminated("terminated by SIGTERM; the next run resumes where this one stopped")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,11 +114,8 @@ def cmd_recluster(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
-    conn = db.connect(cfg)
-    with conn:
-        db.ensure_schema(conn)
-        where = db.redact_dsn(cfg.dsn) if cfg.dsn else f"embedded PostgreSQL in {cfg.home / 'pg'}"
-        print(f"catalog: {where}")
+    with db.reader(cfg) as conn:
+        print(f"catalog: {db.where(cfg)}")
         counts = conn.execute(
             "SELECT (SELECT count(*) FROM images), (SELECT count(*) FROM image_paths), "
             "(SELECT count(*) FROM ingest_errors), (SELECT count(*) FROM near_duplicates), "
@@ -169,8 +159,7 @@ def cmd_sql(cfg: Config, args: argparse.Namespace) -> int:
     if args.write:
         with db.writer(cfg, args.wait) as (conn, _):
             return _query(conn, args.query, timeout_ms, read_only=False, fmt=args.format)
-    with db.connect(cfg, create=False) as conn:
-        db.upgrade_schema(conn)
+    with db.reader(cfg) as conn:
         return _query(conn, args.query, timeout_ms, read_only=True, fmt=args.format)
 
 
@@ -255,35 +244,25 @@ COMMANDS = {"run": cmd_run, "recluster": cmd_recluster, "status": cmd_status, "s
             "similar": cmd_similar, "report": cmd_report, "find": cmd_find, "label": cmd_label}
 
 
+# Bad input or state: one line saying what to fix, exit 2 (lookalike.failures).
+EXPECTED: tuple[type[BaseException], ...] = (
+    ConfigError, preflight.RefusedStart, db.CatalogUnavailable, db.CatalogBusy, FileNotFoundError,
+    QueryFailed, CatalogTooNew, ModelMismatch)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # Only our own INFO lines: other libraries' (faiss's loader, py4j) are noise in a scheduler's
-    # log, and would bury the one line a refused run prints.
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
-    if not args.verbose:
-        logging.getLogger("lookalike").setLevel(logging.INFO)
-    signal.signal(signal.SIGTERM, _raise_terminated)
+    debug = args.debug or os.environ.get("LOOKALIKE_DEBUG", "") not in ("", "0")
+    logs.setup(verbose=args.verbose, debug=debug)
+    failures.catch_sigterm()
     try:
         cfg = load_config(args.config, args.home)
+        preflight.check(cfg, roots=args.roots if args.command == "run" else None)
+        if cfg.home.is_dir():
+            logs.attach_file(cfg.home)
         return COMMANDS[args.command](cfg, args)
-    except (ConfigError, db.CatalogUnavailable, db.CatalogBusy, FileNotFoundError, QueryFailed,
-            CatalogTooNew) as e:
-        log.debug("details", exc_info=True)
-        print(f"lookalike: {e}", file=sys.stderr)
-        return 2
-    except (OSError, psycopg.OperationalError) as e:
-        # The environment, not the code: a full disk, an unusable folder, a server that went away.
-        # One line for the operator; -v logs the traceback.
-        log.debug("details", exc_info=True)
-        where = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else one_line(e)
-        print(f"lookalike: {where}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    except Terminated as e:
-        print(f"lookalike: {e}", file=sys.stderr)
-        return 128 + signal.SIGTERM
+    except (Exception, KeyboardInterrupt) as e:  # KeyboardInterrupt: Ctrl-C, or SIGTERM
+        return failures.end(e, EXPECTED, debug)
 
 
 if __name__ == "__main__":

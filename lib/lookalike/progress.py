@@ -7,6 +7,7 @@ tracker: tasks hold a fixed number of files, so finished tasks count finished fi
 
 from __future__ import annotations
 
+import logging
 import sys
 import threading
 import time
@@ -14,9 +15,17 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+_console = logging.getLogger("lookalike.console")  # the log file's copy (lookalike.logs.CONSOLE)
+
+
+def plural(n: int, noun: str) -> str:
+    """'1 manifest', '3 manifests'."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
 
 def say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+    _console.info(message)
 
 
 def _live(spark: Any, label: str, files: int, stop: threading.Event, started: float) -> None:

@@ -12,12 +12,12 @@ the manifest loaded. Only after it commits do the new images enter the on-disk i
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 import psycopg
@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from lookalike import db
+from lookalike import db, preflight
 from lookalike.cluster.algorithm import ClusterConfig
 from lookalike.cluster.names import name_new_members
 from lookalike.cluster.store import ClusterCounts, assign_new
@@ -36,10 +36,11 @@ from lookalike.dedup.pairs import DedupCounts, NearDupConfig, NewImages
 from lookalike.dedup.store import dedup
 from lookalike.driver.stages import SparkStages
 from lookalike.errors import RETRIED
+from lookalike.failures import Interrupted, signal_name
 from lookalike.files import replacing
 from lookalike.layout import Layout
 from lookalike.models.registry import ModelSpec
-from lookalike.progress import say
+from lookalike.progress import plural, say
 from lookalike.stages import schemas
 from lookalike.stages.scan import ScanSettings, plan, rows_to_table
 
@@ -66,22 +67,12 @@ class RunSummary:
         top = sorted(self.joined.items(), key=lambda kv: (-kv[1], kv[0]))
         where = "; " + ", ".join(f"{n} joined {name}" for name, n in top[:5]) if top else ""
         more = f" and {len(top) - 5} more categories" if len(top) > 5 else ""
-        return (f"run {self.run_id}: {c.files} files in {self.manifests} manifests, "
+        return (f"run {self.run_id}: {c.files} files in {plural(self.manifests, 'manifest')}, "
                 f"{c.new_images} new images, {c.exact_copies} exact copies, {c.errors} errors{where}{more}; "
-                f"{self.dups.pairs} near-duplicate pairs; "
+                f"{plural(self.dups.pairs, 'near-duplicate pair')}; "
                 f"clusters: {k.joined} joined, {k.created} created"
                 + (f", {k.refits} full re-clusterings" if k.refits else "")
                 + f" ({self.seconds:.1f} s)")
-
-
-def check_roots(roots: list[str]) -> list[str]:
-    """The roots as absolute paths; FileNotFoundError for one that is not a folder (before
-    anything starts: no Spark, no catalog, no row in runs)."""
-    resolved = [str(Path(r).resolve()) for r in roots]
-    for root in resolved:
-        if not Path(root).is_dir():
-            raise FileNotFoundError(f"image root is not a directory: {root}")
-    return resolved
 
 
 class Ingest:
@@ -98,6 +89,7 @@ class Ingest:
         self.clusters = ClusterCounts()
         self.dups = DedupCounts()
         self.joined: Counter[str] = Counter()
+        self.current: str | None = None  # the manifest being processed
 
     @property
     def model(self) -> ModelSpec:
@@ -153,7 +145,7 @@ class Ingest:
         table = found.join(known, ["path", "bytes", "mtime"], join_type="left anti")
         table = table.select(schemas.MANIFEST.names).cast(schemas.MANIFEST).sort_by("path")
         ids = self._write_manifests(table, run_id)
-        say(f"scan: {table.num_rows} new files in {len(ids)} manifests "
+        say(f"scan: {table.num_rows} new files in {plural(len(ids), 'manifest')} "
             f"({time.monotonic() - started:.1f} s)")
         return ids
 
@@ -183,7 +175,17 @@ class Ingest:
             (spec.model_ver, good["sha256"].to_pylist()))}
         return good.filter(pc.invert(pc.is_in(good["sha256"], pa.array(sorted(done), pa.string()))))
 
+    def resume_note(self) -> str:
+        """Where the next run starts, for an interrupted run's line and its row in `runs`."""
+        pending = [self.current] if self.current else []
+        with contextlib.suppress(psycopg.Error):  # the catalog may be what failed
+            pending = pending or runs.pending_manifests(self.conn)
+        if pending:
+            return f"the next run resumes from manifest {pending[0]}"
+        return "nothing was half-done: the next run scans again"
+
     def process(self, manifest_id: str, run_id: int) -> load.LoadCounts:
+        self.current = manifest_id
         features = self.stages.extract(manifest_id)
         spec = self.model
         embeddings = self.stages.embed(manifest_id, self.new_images(features, spec), spec)
@@ -211,6 +213,7 @@ class Ingest:
         self.joined.update(joined)
         say(f"load {manifest_id}: {counts.new_images} new images, {counts.exact_copies} exact copies, "
             f"{counts.errors} errors ({time.monotonic() - started:.1f} s)")
+        self.current = None
         return counts
 
 
@@ -218,18 +221,24 @@ def run(cfg: Config, roots: list[str], retry_errors: bool = False, wait: bool = 
     """An incremental run over `roots`; resumes unfinished manifests first. With `wait`, waits for
     a run already writing to the catalog instead of raising CatalogBusy."""
     started = time.monotonic()
-    roots = check_roots(roots)
-    with db.writer(cfg, wait) as (conn, vector_type), runs.recorded_run(conn, "run", roots) as run_id:
+    roots = preflight.check_roots(roots)
+    with db.writer(cfg, wait, create=True) as (conn, vector_type), \
+            runs.recorded_run(conn, "run", roots) as run_id:
         summary = RunSummary(run_id=run_id)
         ingest = Ingest(cfg, conn, vector_type)
-        resumed = runs.pending_manifests(conn)
-        if resumed:
-            say(f"resuming {len(resumed)} unfinished manifests")
-        for manifest_id in resumed:
-            summary.counts.add(ingest.process(manifest_id, run_id))
-        new_ids = ingest.scan(roots, run_id, retry_errors)
-        for manifest_id in new_ids:
-            summary.counts.add(ingest.process(manifest_id, run_id))
+        try:
+            resumed = runs.pending_manifests(conn)
+            if resumed:
+                say(f"resuming {len(resumed)} unfinished {plural(len(resumed), 'manifest')}")
+            for manifest_id in resumed:
+                summary.counts.add(ingest.process(manifest_id, run_id))
+            new_ids = ingest.scan(roots, run_id, retry_errors)
+            for manifest_id in new_ids:
+                summary.counts.add(ingest.process(manifest_id, run_id))
+        except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: recorded_run marks the run interrupted
+            ingest.stages.stop()
+            raise Interrupted(signal_name(e), f"interrupted by {signal_name(e)}; {ingest.resume_note()}") \
+                from None
         if vector_type == "vector" and ingest.pinned:
             vector_index.ensure_index(conn, ingest.model.model_ver, ingest.model.dim)
         summary.manifests = len(resumed) + len(new_ids)

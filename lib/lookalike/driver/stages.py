@@ -59,6 +59,14 @@ class SparkStages:
             self._spark = get_spark(self.cfg)
         return self._spark
 
+    def stop(self) -> None:
+        """Stop Spark and its JVM now, if this run started it (an interrupted run ends here)."""
+        if self._spark is not None:
+            from lookalike.driver.spark import stop_spark
+
+            stop_spark(self._spark)
+            self._spark = None
+
     @property
     def cores(self) -> int:
         return self.spark.sparkContext.defaultParallelism
