@@ -6,12 +6,19 @@ so these run in about a second each; the catalogs here are real embedded Postgre
 from __future__ import annotations
 
 import os
+import re
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import psycopg
 import pytest
+from catalog_snapshot import CliRun, run_env, stop_embedded_server
+from hostile import photos
 
 from lookalike import cli, db
 from lookalike.config import load_config
@@ -148,3 +155,47 @@ def test_debug_shows_an_expected_failures_traceback(tmp_path: Path, capsys: pyte
     assert cli.main(["run", str(tmp_path / "nowhere"), "--debug", "--home", str(tmp_path / "h")]) == 2
     err = capsys.readouterr().err
     assert "Traceback" in err and err.splitlines()[-1].startswith("lookalike: image root is not a directory")
+
+
+# -- Ctrl-C and SIGTERM in the middle of a real run -----------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_run_is_one_line_stops_spark_and_is_recorded(sig: signal.Signals,
+                                                                 tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    for src in photos()[:40]:
+        shutil.copyfile(src, images / src.name)
+    home = tmp_path / "home"
+    env = {**run_env(tmp_path), "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
+    run = CliRun([sys.executable, "-m", "lookalike.cli", "run", str(images), "--home", str(home)], env)
+    try:
+        # The run's progress, seen from another terminal while its extract runs on Spark.
+        deadline = time.monotonic() + 300
+        while not (home / "progress.json").exists():
+            assert run.proc.poll() is None and time.monotonic() < deadline, run.tail()
+            time.sleep(0.2)
+        code, out, _ = lookalike("status", "--home", str(home))
+        assert code == 0 and "running" in out
+        assert re.search(r"extract r000001-0000: \d+/40 files, .* files/s, .* left \(\d+ s ago\)", out), out
+        jvms = [p for p in psutil.Process(run.proc.pid).children(recursive=True) if p.name() == "java"]
+        assert jvms
+        if sig == signal.SIGINT:
+            os.killpg(run.proc.pid, sig)  # Ctrl-C reaches the terminal's whole foreground group
+        else:
+            run.proc.send_signal(sig)  # a scheduler's stop
+        assert run.wait(120) == 128 + sig
+        _, alive = psutil.wait_procs(jvms, timeout=5)
+        assert not alive, "the run's JVM outlived it"
+    finally:
+        run.kill()
+    line = f"lookalike: interrupted by {sig.name}; the next run resumes from manifest r000001-0000"
+    assert run.stderr[-1] == line, run.tail()
+    stages = ("new catalog:", "scan:", "extract ", "model:", "embed ")
+    noise = [s for s in run.stderr if not s.startswith(stages)]
+    assert noise == [line], run.tail()
+    code, out, _ = lookalike("status", "--home", str(home))
+    stop_embedded_server(home)
+    assert code == 0 and re.search(r"\n +1 run +interrupted .*\n +interrupted by " + sig.name, out), out
+    assert not (home / "progress.json").exists()

@@ -247,8 +247,8 @@ def test_catalog_down_at_load_time_keeps_stages_and_the_next_run_loads_them(
 
     assert cli.main(argv) == 0
     out, err = capsys.readouterr()
-    assert "resuming 1 unfinished manifests" in err
-    assert "3 files in 1 manifests, 3 new images" in out
+    assert "resuming 1 unfinished manifest" in err
+    assert "3 files in 1 manifest, 3 new images" in out
     # Loaded from the kept stage, not extracted again; once loaded, the stage is dropped.
     assert not [line for line in err.splitlines() if line.startswith("extract ")], err
     assert not layout.stages(manifest).exists()

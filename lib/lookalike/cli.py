@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from collections.abc import Sequence
 
 import psycopg
@@ -16,6 +17,8 @@ from lookalike.db.migrations import CatalogTooNew
 from lookalike.db.runs import ModelMismatch
 from lookalike.errors import one_line
 from lookalike.labels.hierarchy import UnknownWordError
+from lookalike.layout import Layout
+from lookalike.progress import describe, read_progress
 from lookalike.read.text import FORMATS, format_rows
 
 
@@ -135,11 +138,11 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
         if shown:
             print(f"{'largest categories':>22}: {', '.join(shown)}")
         print(f"{'schema version':>22}: {db.get_meta(conn, 'schema_version')}")
-        runs = conn.execute("SELECT run_id, kind, status, started_at, finished_at, summary FROM runs "
-                            "ORDER BY run_id DESC LIMIT 5").fetchall()
+        runs = conn.execute("SELECT run_id, kind, status, started_at, finished_at, summary, message "
+                            "FROM runs ORDER BY run_id DESC LIMIT 5").fetchall()
         if runs:
             print("last runs:")
-        for run_id, kind, status, started, finished, summary in runs:
+        for run_id, kind, status, started, finished, summary, message in runs:
             took = f"{(finished - started).total_seconds():.1f} s" if finished else "-"
             extra = ""
             if summary and kind == "recluster":
@@ -149,6 +152,11 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
                 extra = (f" files={summary.get('files')} new={summary.get('new_images')} "
                          f"copies={summary.get('exact_copies')} errors={summary.get('errors')}")
             print(f"  {run_id:>5} {kind:<9} {status:<11} {started:%Y-%m-%d %H:%M:%S} {took:>9}{extra}")
+            now = read_progress(Layout(cfg.home).progress) if status == "running" else None
+            if now is not None and now.get("run_id") == run_id:
+                print(f"{'':>8}{describe(now)} ({time.time() - now['updated']:.0f} s ago)")
+            elif message and status != "ok":
+                print(f"{'':>8}{message}")
     return 0
 
 

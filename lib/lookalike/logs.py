@@ -1,8 +1,8 @@
 """Where messages go: the terminal gets stage lines and one-line errors, the log file everything.
 
-The terminal stays quiet: lookalike's warnings, and nothing from libraries below an error
-(`-v` adds lookalike's INFO lines and libraries' warnings, `--debug` everything and the
-traceback of a failure). The log file, <home>/logs/lookalike.log, always takes lookalike's
+The terminal stays quiet: lookalike's warnings, and nothing from libraries (`-v` adds
+lookalike's INFO lines and libraries' warnings, `--debug` everything and the traceback of a
+failure). The log file, <home>/logs/lookalike.log, always takes lookalike's
 DEBUG lines, libraries' INFO lines, the stage lines, every failure's traceback and the JVM's
 own output: what a bug report needs.
 """
@@ -65,7 +65,8 @@ def setup(verbose: bool = False, debug: bool = False) -> None:
     elif verbose:
         terminal.addFilter(_TerminalFilter(logging.INFO, logging.WARNING, debug=False))
     else:
-        terminal.addFilter(_TerminalFilter(logging.WARNING, logging.ERROR, debug=False))
+        # Libraries' errors too (py4j's on an interrupted call): what matters surfaces as our line.
+        terminal.addFilter(_TerminalFilter(logging.WARNING, logging.CRITICAL + 1, debug=False))
     terminal.lookalike = True  # type: ignore[attr-defined]
     root.addHandler(terminal)
     logging.captureWarnings(True)

@@ -69,6 +69,12 @@ def pending_manifests(conn: psycopg.Connection) -> list[str]:
     return [r[0] for r in rows.fetchall()]
 
 
+def manifest_files(conn: psycopg.Connection, manifest_ids: list[str]) -> int:
+    """The files of these manifests, for a run's progress."""
+    return conn.execute("SELECT coalesce(sum(files), 0) FROM manifests WHERE manifest_id = ANY(%s)",
+                        (manifest_ids,)).fetchone()[0]
+
+
 def register_manifest(conn: psycopg.Connection, manifest_id: str, run_id: int, files: int,
                       total_bytes: int) -> None:
     """The manifest's Parquet file is whole: registering it is the scan's commit point."""

@@ -40,7 +40,7 @@ from lookalike.failures import Interrupted, signal_name
 from lookalike.files import replacing
 from lookalike.layout import Layout
 from lookalike.models.registry import ModelSpec
-from lookalike.progress import plural, say
+from lookalike.progress import plural, run_progress, say
 from lookalike.stages import schemas
 from lookalike.stages.scan import ScanSettings, plan, rows_to_table
 
@@ -227,14 +227,19 @@ def run(cfg: Config, roots: list[str], retry_errors: bool = False, wait: bool = 
         summary = RunSummary(run_id=run_id)
         ingest = Ingest(cfg, conn, vector_type)
         try:
-            resumed = runs.pending_manifests(conn)
-            if resumed:
-                say(f"resuming {len(resumed)} unfinished {plural(len(resumed), 'manifest')}")
-            for manifest_id in resumed:
-                summary.counts.add(ingest.process(manifest_id, run_id))
-            new_ids = ingest.scan(roots, run_id, retry_errors)
-            for manifest_id in new_ids:
-                summary.counts.add(ingest.process(manifest_id, run_id))
+            with run_progress(ingest.layout.progress, run_id) as progress:
+                resumed = runs.pending_manifests(conn)
+                if resumed:
+                    say(f"resuming {plural(len(resumed), 'unfinished manifest')}")
+                progress.files = runs.manifest_files(conn, resumed)
+                for manifest_id in resumed:
+                    summary.counts.add(ingest.process(manifest_id, run_id))
+                    progress.files_done = summary.counts.files
+                new_ids = ingest.scan(roots, run_id, retry_errors)
+                progress.files += runs.manifest_files(conn, new_ids)
+                for manifest_id in new_ids:
+                    summary.counts.add(ingest.process(manifest_id, run_id))
+                    progress.files_done = summary.counts.files
         except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: recorded_run marks the run interrupted
             ingest.stages.stop()
             raise Interrupted(signal_name(e), f"interrupted by {signal_name(e)}; {ingest.resume_note()}") \

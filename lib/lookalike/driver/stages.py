@@ -85,9 +85,9 @@ class SparkStages:
             sizes = pq.read_table(self.layout.manifest(manifest_id), columns=["bytes"])["bytes"]
             settings = ExtractSettings.from_config(self.cfg, self.layout.thumbs)
             prepare_thumbs_dir(self.layout.thumbs)  # fail the run once, not every file
-            tasks = extract_tasks(len(sizes), pc.sum(sizes).as_py() or 0, self.cfg["extract"]["task_bytes"],
-                                  self.cores)
-            with stage(f"extract {manifest_id}", len(sizes), self.spark):
+            total_bytes = pc.sum(sizes).as_py() or 0
+            tasks = extract_tasks(len(sizes), total_bytes, self.cfg["extract"]["task_bytes"], self.cores)
+            with stage(f"extract {manifest_id}", len(sizes), self.spark, total_bytes=total_bytes):
                 df = self.spark.read.parquet(str(self.layout.manifest(manifest_id))).repartition(tasks)
                 df.mapInPandas(partial(extract_batches, settings=settings),
                                schema=schemas.spark_ddl(schemas.FEATURES)) \
