@@ -169,9 +169,10 @@ def ensure_schema(conn: psycopg.Connection) -> str:
 
 def upgrade_schema(conn: psycopg.Connection) -> None:
     """For a reader, which runs no DDL otherwise: migrate a catalog of an older schema version
-    (once, in one transaction, under the schema lock), so that its queries speak the current names."""
-    if (catalog_version(conn) or SCHEMA_VERSION) >= SCHEMA_VERSION:
-        return
+    (once, in one transaction, under the schema lock), so that its queries speak the current names;
+    CatalogTooNew for a newer one."""
+    if (catalog_version(conn) or SCHEMA_VERSION) == SCHEMA_VERSION:
+        return  # a newer one goes on to migrate(), which refuses it (CatalogTooNew)
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITER_LOCK_KEY + 1,))
         found = migrate(conn)
