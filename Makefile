@@ -10,7 +10,8 @@ PYTEST_ARGS ?=
 
 .PHONY: install browser run test lint demo clean
 
-install: $(VENV)/.installed browser
+# What a run needs; the browser is the tests' alone (`make test`).
+install: $(VENV)/.installed
 
 # Headless Chromium for tests/test_report.py; installed only where missing and apt-get exists.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -36,7 +37,7 @@ run: install
 	fi
 	@$(BIN)/lookalike status --home $(HOME_DIR)
 
-test: install
+test: install browser
 	$(BIN)/ruff check lib jobs tests bench
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 

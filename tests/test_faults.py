@@ -145,9 +145,11 @@ def test_redact_dsn_hides_every_form_of_password(dsn: str) -> None:
 def test_status_never_shows_the_password(pg: Postgres, catalog_db: str, tmp_path: Path,
                                          monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
                                          caplog: pytest.LogCaptureFixture) -> None:
+    with db.connect(load_config(None, tmp_path / "home"), uri(pg.port, catalog_db)) as conn:
+        db.ensure_schema(conn)  # what a first run does: status never creates a catalog
     # The real command line, debug logging on.
     env = {**os.environ, "LOOKALIKE_DSN": uri(pg.port, catalog_db)}
-    proc = subprocess.run([str(Path(sys.executable).parent / "lookalike"), "status", "-v", "--home",
+    proc = subprocess.run([str(Path(sys.executable).parent / "lookalike"), "status", "--debug", "--home",
                            str(tmp_path / "home")], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert f"{USER}:***@127.0.0.1:{pg.port}/{catalog_db}" in proc.stdout
@@ -155,7 +157,7 @@ def test_status_never_shows_the_password(pg: Postgres, catalog_db: str, tmp_path
     # The key=value form, with the quoted password.
     monkeypatch.setenv("LOOKALIKE_DSN", f"host=127.0.0.1 port={pg.port} dbname={catalog_db} user={USER} "
                                         f"password='{PASSWORD}'")
-    assert cli.main(["status", "-v", "--home", str(tmp_path / "home")]) == 0
+    assert cli.main(["status", "--debug", "--home", str(tmp_path / "home")]) == 0
     out, err = capsys.readouterr()
     assert "password=***" in out
     assert_no_secret(out, err, caplog.text)
@@ -245,8 +247,8 @@ def test_catalog_down_at_load_time_keeps_stages_and_the_next_run_loads_them(
 
     assert cli.main(argv) == 0
     out, err = capsys.readouterr()
-    assert "resuming 1 unfinished manifests" in err
-    assert "3 files in 1 manifests, 3 new images" in out
+    assert "resuming 1 unfinished manifest" in err
+    assert "3 files in 1 manifest, 3 new images" in out
     # Loaded from the kept stage, not extracted again; once loaded, the stage is dropped.
     assert not [line for line in err.splitlines() if line.startswith("extract ")], err
     assert not layout.stages(manifest).exists()

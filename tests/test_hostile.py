@@ -40,7 +40,7 @@ from lookalike.stages.extract import READ_CHUNK, ExtractSettings, extract_batche
 from lookalike.stages.scan import ScanSettings, plan, rows_to_table, walk
 
 MASK = 2**64 - 1
-SUMMARY = re.compile(r"run (\d+): (\d+) files in \d+ manifests, (\d+) new images, (\d+) exact copies, "
+SUMMARY = re.compile(r"run (\d+): (\d+) files in \d+ manifests?, (\d+) new images, (\d+) exact copies, "
                      r"(\d+) errors")
 HASHES = ("phash", "dhash", "ahash")
 

@@ -3,28 +3,32 @@
 from __future__ import annotations
 
 import argparse
-import logging
-import signal
+import os
 import sys
+import time
 from collections.abc import Sequence
 
 import psycopg
 
-from lookalike import db
+from lookalike import db, failures, logs, preflight
 from lookalike.cluster.names import display, name_by_analyst
 from lookalike.config import Config, ConfigError, load_config
 from lookalike.db.migrations import CatalogTooNew
+from lookalike.db.runs import ModelMismatch
 from lookalike.errors import one_line
 from lookalike.labels.hierarchy import UnknownWordError
+from lookalike.layout import Layout
+from lookalike.progress import describe, read_progress
 from lookalike.read.text import FORMATS, format_rows
-
-log = logging.getLogger(__name__)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--home", help="catalog home (default: catalog.home from the config)")
     p.add_argument("--config", help="TOML file overriding conf/lookalike.toml")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="more detail: INFO lines and libraries' warnings")
+    p.add_argument("--debug", action="store_true",
+                   help="everything, and a failure's traceback (also LOOKALIKE_DEBUG=1)")
 
 
 def _wait(p: argparse.ArgumentParser) -> None:
@@ -34,14 +38,6 @@ def _wait(p: argparse.ArgumentParser) -> None:
 
 class QueryFailed(RuntimeError):
     """The database refused an analyst's query; the message is its one-line error."""
-
-
-class Terminated(BaseException):
-    """SIGTERM (a scheduler's stop, systemd, kill): unwinds like Ctrl-C, so the run is marked failed."""
-
-
-def _raise_terminated(signum: int, frame: object) -> None:
-    raise Terminated("terminated by SIGTERM; the next run resumes where this one stopped")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,11 +122,8 @@ def cmd_recluster(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
-    conn = db.connect(cfg)
-    with conn:
-        db.ensure_schema(conn)
-        where = db.redact_dsn(cfg.dsn) if cfg.dsn else f"embedded PostgreSQL in {cfg.home / 'pg'}"
-        print(f"catalog: {where}")
+    with db.reader(cfg) as conn:
+        print(f"catalog: {db.where(cfg)}")
         counts = conn.execute(
             "SELECT (SELECT count(*) FROM images), (SELECT count(*) FROM image_paths), "
             "(SELECT count(*) FROM ingest_errors), (SELECT count(*) FROM near_duplicates), "
@@ -149,12 +142,14 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
         shown = [f"{display(name, cid)} ({size})" for cid, name, size in largest.fetchall()]
         if shown:
             print(f"{'largest categories':>22}: {', '.join(shown)}")
+        stored = db.get_meta(conn, "store_root")
+        print(f"{'store':>22}: {stored or '(none: files are catalogued where they lie)'}")
         print(f"{'schema version':>22}: {db.get_meta(conn, 'schema_version')}")
-        runs = conn.execute("SELECT run_id, kind, status, started_at, finished_at, summary FROM runs "
-                            "ORDER BY run_id DESC LIMIT 5").fetchall()
+        runs = conn.execute("SELECT run_id, kind, status, started_at, finished_at, summary, message "
+                            "FROM runs ORDER BY run_id DESC LIMIT 5").fetchall()
         if runs:
             print("last runs:")
-        for run_id, kind, status, started, finished, summary in runs:
+        for run_id, kind, status, started, finished, summary, message in runs:
             took = f"{(finished - started).total_seconds():.1f} s" if finished else "-"
             extra = ""
             if summary and kind == "recluster":
@@ -164,6 +159,11 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
                 extra = (f" files={summary.get('files')} new={summary.get('new_images')} "
                          f"copies={summary.get('exact_copies')} errors={summary.get('errors')}")
             print(f"  {run_id:>5} {kind:<9} {status:<11} {started:%Y-%m-%d %H:%M:%S} {took:>9}{extra}")
+            now = read_progress(Layout(cfg.home).progress) if status == "running" else None
+            if now is not None and now.get("run_id") == run_id:
+                print(f"{'':>8}{describe(now)} ({time.time() - now['updated']:.0f} s ago)")
+            elif message and status != "ok":
+                print(f"{'':>8}{message}")
     return 0
 
 
@@ -174,8 +174,7 @@ def cmd_sql(cfg: Config, args: argparse.Namespace) -> int:
     if args.write:
         with db.writer(cfg, args.wait) as (conn, _):
             return _query(conn, args.query, timeout_ms, read_only=False, fmt=args.format)
-    with db.connect(cfg, create=False) as conn:
-        db.upgrade_schema(conn)
+    with db.reader(cfg) as conn:
         return _query(conn, args.query, timeout_ms, read_only=True, fmt=args.format)
 
 
@@ -262,8 +261,7 @@ def cmd_verify(cfg: Config, args: argparse.Namespace) -> int:
     from lookalike.db.runs import catalog_store
     from lookalike.layout import Layout
 
-    with db.connect(cfg, create=False) as conn:
-        db.upgrade_schema(conn)
+    with db.reader(cfg) as conn:
         root = catalog_store(conn)
         counts = store.VerifyCounts()
         problems = 0
@@ -286,35 +284,25 @@ COMMANDS = {"run": cmd_run, "recluster": cmd_recluster, "status": cmd_status, "s
             "verify": cmd_verify}
 
 
+# Bad input or state: one line saying what to fix, exit 2 (lookalike.failures).
+EXPECTED: tuple[type[BaseException], ...] = (
+    ConfigError, preflight.RefusedStart, db.CatalogUnavailable, db.CatalogBusy, FileNotFoundError,
+    QueryFailed, CatalogTooNew, ModelMismatch)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # Only our own INFO lines: other libraries' (faiss's loader, py4j) are noise in a scheduler's
-    # log, and would bury the one line a refused run prints.
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
-    if not args.verbose:
-        logging.getLogger("lookalike").setLevel(logging.INFO)
-    signal.signal(signal.SIGTERM, _raise_terminated)
+    debug = args.debug or os.environ.get("LOOKALIKE_DEBUG", "") not in ("", "0")
+    logs.setup(verbose=args.verbose, debug=debug)
+    failures.catch_sigterm()
     try:
         cfg = load_config(args.config, args.home)
+        preflight.check(cfg, roots=args.roots if args.command == "run" else None)
+        if cfg.home.is_dir():
+            logs.attach_file(cfg.home)
         return COMMANDS[args.command](cfg, args)
-    except (ConfigError, db.CatalogUnavailable, db.CatalogBusy, FileNotFoundError, QueryFailed,
-            CatalogTooNew) as e:
-        log.debug("details", exc_info=True)
-        print(f"lookalike: {e}", file=sys.stderr)
-        return 2
-    except (OSError, psycopg.OperationalError) as e:
-        # The environment, not the code: a full disk, an unusable folder, a server that went away.
-        # One line for the operator; -v logs the traceback.
-        log.debug("details", exc_info=True)
-        where = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else one_line(e)
-        print(f"lookalike: {where}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    except Terminated as e:
-        print(f"lookalike: {e}", file=sys.stderr)
-        return 128 + signal.SIGTERM
+    except (Exception, KeyboardInterrupt) as e:  # KeyboardInterrupt: Ctrl-C, or SIGTERM
+        return failures.end(e, EXPECTED, debug)
 
 
 if __name__ == "__main__":

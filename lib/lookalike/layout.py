@@ -1,5 +1,5 @@
 """Where a catalog home keeps things: PostgreSQL data, manifests, stage outputs, thumbnails,
-model exports, the near-duplicate indexes and scratch space. Every path under a home is named here."""
+model exports, the near-duplicate indexes, logs and scratch space. Every path under a home is named here."""
 
 from __future__ import annotations
 
@@ -55,6 +55,16 @@ class Layout:
     def stage(self, manifest_id: str, name: str) -> Path:
         """A stage's Parquet output for one manifest (a Spark output folder with _SUCCESS)."""
         return self.stages(manifest_id) / name
+
+    @property
+    def log_file(self) -> Path:
+        """Every command's detail: DEBUG lines, the JVM's output, failures' tracebacks."""
+        return self.home / "logs" / "lookalike.log"
+
+    @property
+    def progress(self) -> Path:
+        """A running run's progress, rewritten every few seconds for `lookalike status`."""
+        return self.home / "progress.json"
 
     @property
     def scratch(self) -> Path:

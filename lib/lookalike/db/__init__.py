@@ -90,13 +90,40 @@ def connect(cfg: Config, dsn: str | None = None, create: bool = True) -> psycopg
     """
     dsn = dsn or cfg.dsn
     if not dsn and not create and not Layout(cfg.home).pg.is_dir():
-        raise CatalogUnavailable(f"no catalog in {cfg.home} (no pg/ folder): check --home / home=")
+        raise _no_catalog(cfg)
     try:
         uri = dsn or embedded_uri(cfg.home)
         return psycopg.connect(uri, autocommit=True, connect_timeout=10)
     except psycopg.OperationalError as e:
         where = redact_dsn(dsn) if dsn else f"embedded server in {Layout(cfg.home).pg}"
         raise CatalogUnavailable(f"cannot reach the catalog at {where}: {one_line(e)}") from None
+
+
+def where(cfg: Config) -> str:
+    """The catalog's location for messages and `status`, without any password."""
+    return redact_dsn(cfg.dsn) if cfg.dsn else f"embedded PostgreSQL in {Layout(cfg.home).pg}"
+
+
+def has_catalog(conn: psycopg.Connection) -> bool:
+    return conn.execute("SELECT to_regclass('catalog_meta')").fetchone()[0] is not None
+
+
+def _no_catalog(cfg: Config) -> CatalogUnavailable:
+    return CatalogUnavailable(f"no catalog at {where(cfg)}: check --home and LOOKALIKE_DSN, or create one "
+                              f"with `lookalike run ROOT --home {cfg.home}`")
+
+
+def reader(cfg: Config) -> psycopg.Connection:
+    """A connection to an existing catalog, migrated to this schema version; never creates one."""
+    conn = connect(cfg, create=False)
+    try:
+        if not has_catalog(conn):
+            raise _no_catalog(cfg)
+        upgrade_schema(conn)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
 
 
 def _has_pgvector(conn: psycopg.Connection) -> bool:
@@ -142,9 +169,10 @@ def ensure_schema(conn: psycopg.Connection) -> str:
 
 def upgrade_schema(conn: psycopg.Connection) -> None:
     """For a reader, which runs no DDL otherwise: migrate a catalog of an older schema version
-    (once, in one transaction, under the schema lock), so that its queries speak the current names."""
-    if (catalog_version(conn) or SCHEMA_VERSION) >= SCHEMA_VERSION:
-        return
+    (once, in one transaction, under the schema lock), so that its queries speak the current names;
+    CatalogTooNew for a newer one."""
+    if (catalog_version(conn) or SCHEMA_VERSION) == SCHEMA_VERSION:
+        return  # a newer one goes on to migrate(), which refuses it (CatalogTooNew)
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITER_LOCK_KEY + 1,))
         found = migrate(conn)
@@ -177,17 +205,22 @@ def set_meta(conn: psycopg.Connection, key: str, value: str) -> None:
 
 
 @contextmanager
-def writer(cfg: Config, wait: bool = False,
-           dsn: str | None = None) -> Iterator[tuple[psycopg.Connection, str]]:
+def writer(cfg: Config, wait: bool = False, dsn: str | None = None,
+           create: bool = False) -> Iterator[tuple[psycopg.Connection, str]]:
     """A catalog connection for a run that writes, with the schema ensured: (conn, vector type).
 
-    A second connection holds the catalog's single-writer lock for the block (an advisory lock
-    is per session, and the first connection's transactions must not release it); CatalogBusy
-    if another run has it, unless `wait`. Both connections are closed at the end.
+    Only `create` (a run) makes a new catalog, and says where. A second connection holds the
+    catalog's single-writer lock for the block (an advisory lock is per session, and the first
+    connection's transactions must not release it); CatalogBusy if another run has it, unless
+    `wait`. Both connections are closed at the end.
     """
-    conn = connect(cfg, dsn)
-    lock_conn = connect(cfg, dsn)
+    conn = connect(cfg, dsn, create=create)
+    lock_conn = connect(cfg, dsn, create=create)
     try:
+        if not has_catalog(conn):
+            if not create:
+                raise _no_catalog(cfg)
+            say(f"new catalog: {redact_dsn(dsn) if dsn else where(cfg)}")
         vector_type = ensure_schema(conn)
         got = lock_conn.execute("SELECT pg_try_advisory_lock(%s)", (WRITER_LOCK_KEY,)).fetchone()[0]
         if not got and not wait:

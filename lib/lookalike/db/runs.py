@@ -1,10 +1,10 @@
 """The lifecycle of what writes to the catalog: runs, manifests, and the catalog's model.
 
 A run (an incremental `run` or a `recluster`) is a row in `runs` from its start: 'running',
-then 'ok' with its summary, 'failed' with the reason, or 'interrupted' when the next writer
-finds it still 'running' (it was killed). The catalog's embedding model is chosen once, when
-the first run pins it, and changed only by a recluster; its store (lookalike.store) once, by
-its first run.
+then 'ok' with its summary, 'failed' with the reason, or 'interrupted': by Ctrl-C or SIGTERM
+(its message names the signal), or found still 'running' by the next writer (it was killed).
+The catalog's embedding model is chosen once, when the first run pins it, and changed only
+by a recluster; its store (lookalike.store) once, by its first run.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import psycopg
 from lookalike import db
 from lookalike.config import Config, ConfigError
 from lookalike.errors import one_line
+from lookalike.failures import signal_name
 from lookalike.models.registry import OPEN_CLIP_PREFIX, ModelSpec, resolve_model
 from lookalike.progress import say
 from lookalike.store import StoreSettings
@@ -34,19 +35,27 @@ def recorded_run(conn: psycopg.Connection, kind: str, roots: Sequence[str] | Non
                  model_ver: str | None = None) -> Iterator[int]:
     """A row in `runs` for the block: its run_id. The caller holds the writer lock, so any run
     still marked running was killed: it is marked interrupted. An exception leaving the block
-    marks the run failed with its one-line reason; `finish_run` marks it ok."""
+    marks the run failed with its one-line reason (interrupted, for Ctrl-C and SIGTERM);
+    `finish_run` marks it ok."""
     with conn.transaction():
-        conn.execute("UPDATE runs SET status = 'interrupted', finished_at = now() WHERE status = 'running'")
+        conn.execute("UPDATE runs SET status = 'interrupted', finished_at = now(), message = 'found still "
+                     "running by the next run: killed (SIGKILL, a lost machine) or cut off from the "
+                     "catalog' WHERE status = 'running'")
         run_id = conn.execute("INSERT INTO runs (kind, roots, model_ver) VALUES (%s, %s, %s) "
                               "RETURNING run_id",
                               (kind, list(roots) if roots is not None else None, model_ver)).fetchone()[0]
     try:
         yield run_id
     except BaseException as e:
+        # Ctrl-C or SIGTERM: 'interrupted', the message naming the signal (failures.Interrupted).
+        if isinstance(e, KeyboardInterrupt):
+            status, message = "interrupted", str(e) or f"interrupted by {signal_name(e)}"
+        else:
+            status, message = "failed", one_line(e, 500)
         # Best effort: when the catalog itself went away, the original error is what matters.
         with contextlib.suppress(psycopg.Error), conn.transaction():
-            conn.execute("UPDATE runs SET status = 'failed', finished_at = now(), message = %s "
-                         "WHERE run_id = %s", (one_line(e, 500) or type(e).__name__, run_id))
+            conn.execute("UPDATE runs SET status = %s, finished_at = now(), message = %s WHERE run_id = %s",
+                         (status, message or type(e).__name__, run_id))
         raise
 
 
@@ -60,6 +69,12 @@ def pending_manifests(conn: psycopg.Connection) -> list[str]:
     """Manifests registered but not loaded (a killed run's): the next run finishes them first."""
     rows = conn.execute("SELECT manifest_id FROM manifests WHERE status <> 'loaded' ORDER BY manifest_id")
     return [r[0] for r in rows.fetchall()]
+
+
+def manifest_files(conn: psycopg.Connection, manifest_ids: list[str]) -> int:
+    """The files of these manifests, for a run's progress."""
+    return conn.execute("SELECT coalesce(sum(files), 0) FROM manifests WHERE manifest_id = ANY(%s)",
+                        (manifest_ids,)).fetchone()[0]
 
 
 def register_manifest(conn: psycopg.Connection, manifest_id: str, run_id: int, files: int,

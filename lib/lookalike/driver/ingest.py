@@ -12,6 +12,7 @@ the manifest loaded. Only after it commits do the new images enter the on-disk i
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 import time
@@ -25,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from lookalike import db, store
+from lookalike import db, preflight, store
 from lookalike.cluster.algorithm import ClusterConfig
 from lookalike.cluster.names import name_new_members
 from lookalike.cluster.store import ClusterCounts, assign_new
@@ -36,10 +37,11 @@ from lookalike.dedup.pairs import DedupCounts, NearDupConfig, NewImages
 from lookalike.dedup.store import dedup
 from lookalike.driver.stages import SparkStages
 from lookalike.errors import RETRIED
+from lookalike.failures import Interrupted, signal_name
 from lookalike.files import replacing
 from lookalike.layout import Layout
 from lookalike.models.registry import ModelSpec
-from lookalike.progress import say
+from lookalike.progress import plural, run_progress, say
 from lookalike.stages import schemas
 from lookalike.stages.scan import ScanSettings, plan, rows_to_table
 
@@ -72,22 +74,12 @@ class RunSummary:
         stored = (f"; store: {s.linked} linked, {s.copied} copied, {s.existing} there already"
                   + (f", {s.removed} sources removed" if s.removed else "")
                   if s.linked + s.copied + s.existing else "")
-        return (f"run {self.run_id}: {c.files} files in {self.manifests} manifests, "
+        return (f"run {self.run_id}: {c.files} files in {plural(self.manifests, 'manifest')}, "
                 f"{c.new_images} new images, {c.exact_copies} exact copies, {c.errors} errors{where}{more}; "
-                f"{self.dups.pairs} near-duplicate pairs; "
+                f"{plural(self.dups.pairs, 'near-duplicate pair')}; "
                 f"clusters: {k.joined} joined, {k.created} created"
                 + (f", {k.refits} full re-clusterings" if k.refits else "")
                 + f"{stored} ({self.seconds:.1f} s)")
-
-
-def check_roots(roots: list[str]) -> list[str]:
-    """The roots as absolute paths; FileNotFoundError for one that is not a folder (before
-    anything starts: no Spark, no catalog, no row in runs)."""
-    resolved = [str(Path(r).resolve()) for r in roots]
-    for root in resolved:
-        if not Path(root).is_dir():
-            raise FileNotFoundError(f"image root is not a directory: {root}")
-    return resolved
 
 
 class Ingest:
@@ -107,6 +99,7 @@ class Ingest:
         self.clusters = ClusterCounts()
         self.dups = DedupCounts()
         self.joined: Counter[str] = Counter()
+        self.current: str | None = None  # the manifest being processed
 
     @property
     def model(self) -> ModelSpec:
@@ -164,7 +157,7 @@ class Ingest:
             self._remove_moved(found.join(known, ["path", "bytes", "mtime"], join_type="inner"))
         table = table.select(schemas.MANIFEST.names).cast(schemas.MANIFEST).sort_by("path")
         ids = self._write_manifests(table, run_id)
-        say(f"scan: {table.num_rows} new files in {len(ids)} manifests "
+        say(f"scan: {table.num_rows} new files in {plural(len(ids), 'manifest')} "
             f"({time.monotonic() - started:.1f} s)")
         return ids
 
@@ -185,14 +178,19 @@ class Ingest:
     def run(self, roots: list[str], run_id: int, retry_errors: bool) -> RunSummary:
         """Unfinished manifests first, then the new files of `roots`, manifest by manifest."""
         summary = RunSummary(run_id=run_id)
-        resumed = runs.pending_manifests(self.conn)
-        if resumed:
-            say(f"resuming {len(resumed)} unfinished manifests")
-        for manifest_id in resumed:
-            summary.counts.add(self.process(manifest_id, run_id))
-        new_ids = self.scan(roots, run_id, retry_errors)
-        for manifest_id in new_ids:
-            summary.counts.add(self.process(manifest_id, run_id))
+        with run_progress(self.layout.progress, run_id) as progress:
+            resumed = runs.pending_manifests(self.conn)
+            if resumed:
+                say(f"resuming {plural(len(resumed), 'unfinished manifest')}")
+            progress.files = runs.manifest_files(self.conn, resumed)
+            for manifest_id in resumed:
+                summary.counts.add(self.process(manifest_id, run_id))
+                progress.files_done = summary.counts.files
+            new_ids = self.scan(roots, run_id, retry_errors)
+            progress.files += runs.manifest_files(self.conn, new_ids)
+            for manifest_id in new_ids:
+                summary.counts.add(self.process(manifest_id, run_id))
+                progress.files_done = summary.counts.files
         if self.vector_type == "vector" and self.pinned:
             vector_index.ensure_index(self.conn, self.model.model_ver, self.model.dim)
         summary.manifests = len(resumed) + len(new_ids)
@@ -241,7 +239,17 @@ class Ingest:
             (spec.model_ver, good["sha256"].to_pylist()))}
         return good.filter(pc.invert(pc.is_in(good["sha256"], pa.array(sorted(done), pa.string()))))
 
+    def resume_note(self) -> str:
+        """Where the next run starts, for an interrupted run's line and its row in `runs`."""
+        pending = [self.current] if self.current else []
+        with contextlib.suppress(psycopg.Error):  # the catalog may be what failed
+            pending = pending or runs.pending_manifests(self.conn)
+        if pending:
+            return f"the next run resumes from manifest {pending[0]}"
+        return "nothing was half-done: the next run scans again"
+
     def process(self, manifest_id: str, run_id: int) -> load.LoadCounts:
+        self.current = manifest_id
         features = self.stages.extract(manifest_id)
         if self.store.enabled:
             self._count_filed(features)
@@ -274,6 +282,7 @@ class Ingest:
         self.joined.update(joined)
         say(f"load {manifest_id}: {counts.new_images} new images, {counts.exact_copies} exact copies, "
             f"{counts.errors} errors ({time.monotonic() - started:.1f} s)")
+        self.current = None
         return counts
 
 
@@ -281,11 +290,17 @@ def run(cfg: Config, roots: list[str], retry_errors: bool = False, wait: bool = 
     """An incremental run over `roots`; resumes unfinished manifests first. With `wait`, waits for
     a run already writing to the catalog instead of raising CatalogBusy."""
     started = time.monotonic()
-    roots = check_roots(roots)
-    with db.writer(cfg, wait) as (conn, vector_type):
+    roots = preflight.check_roots(roots)
+    with db.writer(cfg, wait, create=True) as (conn, vector_type):
         store_root = runs.catalog_store(conn, cfg)  # a store other than the catalog's: refused here
         with runs.recorded_run(conn, "run", roots) as run_id:
-            summary = Ingest(cfg, conn, vector_type, store_root).run(roots, run_id, retry_errors)
+            ingest = Ingest(cfg, conn, vector_type, store_root)
+            try:
+                summary = ingest.run(roots, run_id, retry_errors)
+            except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: recorded_run marks the run interrupted
+                ingest.stages.stop()
+                why = f"interrupted by {signal_name(e)}; {ingest.resume_note()}"
+                raise Interrupted(signal_name(e), why) from None
             summary.seconds = time.monotonic() - started
             with conn.transaction():
                 runs.finish_run(conn, run_id, summary.as_dict())

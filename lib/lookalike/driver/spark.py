@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 
+from pyspark import SparkConf, SparkContext
+from pyspark.java_gateway import launch_gateway
 from pyspark.sql import SparkSession
 
+from lookalike import logs
 from lookalike.config import DEFAULTS_FILE, Config
 
 # Quiet Spark logging (warnings only), beside the default configuration.
@@ -26,6 +30,40 @@ def _log_options() -> str:
     return "-Dlog4j2.level=warn"
 
 
+def _settings(cfg: Config, app_name: str, master: str) -> dict[str, str]:
+    sc = cfg["spark"]
+    return {
+        "spark.app.name": app_name,
+        "spark.master": master,
+        "spark.driver.memory": sc["driver_memory"],
+        "spark.executor.memory": sc["executor_memory"],
+        "spark.ui.enabled": "false",
+        "spark.ui.showConsoleProgress": "false",
+        "spark.sql.execution.arrow.pyspark.enabled": "true",
+        # One image per Arrow record is plenty; small batches keep worker memory flat.
+        "spark.sql.execution.arrow.maxRecordsPerBatch": "64",
+        # Reused Python workers keep a loaded model across tasks (one load per worker).
+        "spark.python.worker.reuse": "true",
+        "spark.sql.shuffle.partitions": "8",
+        "spark.sql.session.timeZone": "UTC",
+        "spark.driver.extraJavaOptions": _log_options(),
+    }
+
+
+def _launch_jvm(settings: dict[str, str]) -> None:
+    """Start the JVM with its stdout and stderr in the log file: its start-up notices (the
+    incubator-module WARNING), log4j's lines and the Python workers' output (which Spark copies
+    into the JVM's stderr) are not the terminal's business. Without a log file, pyspark starts it."""
+    out = logs.jvm_output()
+    if out is None:
+        return
+    with out, SparkContext._lock:
+        if SparkContext._gateway is None:
+            conf = SparkConf(loadDefaults=False).setAll(list(settings.items()))
+            SparkContext._gateway = launch_gateway(conf, popen_kwargs={"stdout": out, "stderr": out})
+            SparkContext._jvm = SparkContext._gateway.jvm
+
+
 def get_spark(cfg: Config, app_name: str = "lookalike") -> SparkSession:
     """The active session if one exists (spark-submit made it), else a new one from the config."""
     active = SparkSession.getActiveSession()
@@ -34,25 +72,33 @@ def get_spark(cfg: Config, app_name: str = "lookalike") -> SparkSession:
     # Executors must run the same interpreter (and so the same venv) as the driver.
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
-    sc = cfg["spark"]
-    master = os.environ.get("LOOKALIKE_SPARK_MASTER", sc["master"])
+    master = os.environ.get("LOOKALIKE_SPARK_MASTER", cfg["spark"]["master"])
     _default_local_ip(master)
-    builder = (
-        SparkSession.builder.appName(app_name)
-        .master(master)
-        .config("spark.driver.memory", sc["driver_memory"])
-        .config("spark.executor.memory", sc["executor_memory"])
-        .config("spark.ui.enabled", "false")
-        .config("spark.ui.showConsoleProgress", "false")
-        .config("spark.sql.execution.arrow.pyspark.enabled", "true")
-        # One image per Arrow record is plenty; small batches keep worker memory flat.
-        .config("spark.sql.execution.arrow.maxRecordsPerBatch", "64")
-        # Reused Python workers keep a loaded model across tasks (one load per worker).
-        .config("spark.python.worker.reuse", "true")
-        .config("spark.sql.shuffle.partitions", "8")
-        .config("spark.sql.session.timeZone", "UTC")
-        .config("spark.driver.extraJavaOptions", _log_options())
-    )
+    settings = _settings(cfg, app_name, master)
+    _launch_jvm(settings)
+    builder = SparkSession.builder
+    for key, value in settings.items():
+        builder = builder.config(key, value)
     spark = builder.getOrCreate()
-    spark.sparkContext.setLogLevel(sc["log_level"])
+    spark.sparkContext.setLogLevel(cfg["spark"]["log_level"])
     return spark
+
+
+def stop_spark(spark: SparkSession) -> None:
+    """Stop the session and the JVM this process started, at once: an interrupted run must leave
+    no JVM behind (it would otherwise live until this process exits and its stdin closes)."""
+    spark.stop()
+    gateway = SparkContext._gateway
+    proc = getattr(gateway, "proc", None)
+    if gateway is None or proc is None:  # spark-submit's JVM is not ours to end
+        return
+    with SparkContext._lock:
+        SparkContext._gateway = None
+        SparkContext._jvm = None
+    gateway.shutdown()
+    proc.stdin.close()  # pyspark's gateway server exits on end of input
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

@@ -60,6 +60,14 @@ class SparkStages:
             self._spark = get_spark(self.cfg)
         return self._spark
 
+    def stop(self) -> None:
+        """Stop Spark and its JVM now, if this run started it (an interrupted run ends here)."""
+        if self._spark is not None:
+            from lookalike.driver.spark import stop_spark
+
+            stop_spark(self._spark)
+            self._spark = None
+
     @property
     def cores(self) -> int:
         return self.spark.sparkContext.defaultParallelism
@@ -80,9 +88,9 @@ class SparkStages:
             prepare_thumbs_dir(self.layout.thumbs)  # fail the run once, not every file
             if settings.store is not None and settings.store.enabled:
                 store.prepare(settings.store.root)  # and clear a killed run's temporary files
-            tasks = extract_tasks(len(sizes), pc.sum(sizes).as_py() or 0, self.cfg["extract"]["task_bytes"],
-                                  self.cores)
-            with stage(f"extract {manifest_id}", len(sizes), self.spark):
+            total_bytes = pc.sum(sizes).as_py() or 0
+            tasks = extract_tasks(len(sizes), total_bytes, self.cfg["extract"]["task_bytes"], self.cores)
+            with stage(f"extract {manifest_id}", len(sizes), self.spark, total_bytes=total_bytes):
                 df = self.spark.read.parquet(str(self.layout.manifest(manifest_id))).repartition(tasks)
                 df.mapInPandas(partial(extract_batches, settings=settings),
                                schema=schemas.spark_ddl(schemas.FEATURES)) \

@@ -363,8 +363,9 @@ def _results(cat: CatalogReader, hits: list[Hit], attrs: dict[str, object]) -> p
     info = {row[0]: row[1:] for row in cat.conn.execute(
         "SELECT i.id, i.width, i.height, i.format, i.bytes, "
         "array(SELECT p.path FROM image_paths p WHERE p.image_id = i.id ORDER BY p.path), i.thumb_path, "
-        "c.id, c.name, i.store_path FROM images i LEFT JOIN image_cluster ic ON ic.image_id = i.id AND ic.model_ver = "
-        f"{ACTIVE_VER} LEFT JOIN clusters c ON c.id = ic.cluster_id WHERE i.id = ANY(%s)", (ids,)).fetchall()}
+        "c.id, c.name, i.store_path FROM images i "
+        f"LEFT JOIN image_cluster ic ON ic.image_id = i.id AND ic.model_ver = {ACTIVE_VER} "
+        "LEFT JOIN clusters c ON c.id = ic.cluster_id WHERE i.id = ANY(%s)", (ids,)).fetchall()}
     rows = []
     for kind in ("exact", "near-duplicate", "semantic"):
         of_kind = [h for h in hits if h[0] == kind]
