@@ -20,7 +20,7 @@ import errno
 import hashlib
 import os
 import shutil
-import tempfile
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,9 +122,11 @@ def _publish(tmp: Path, final: Path) -> bool:
     return True
 
 
-def _fsynced(tmp: Path) -> None:
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
+def _close_synced(f: IO[bytes]) -> None:
+    """Flush, fsync and close: the bytes are on disk before the file gets its final name."""
+    f.flush()
+    os.fsync(f.fileno())
+    f.close()
 
 
 def _sha256_of(path: Path) -> str:
@@ -153,10 +155,10 @@ class Filing:
         self._temps: list[Path] = []
 
     def _temp(self) -> Path:
-        fd, name = tempfile.mkstemp(dir=self.partial, suffix=".tmp")
-        os.close(fd)
-        self._temps.append(Path(name))
-        return Path(name)
+        """A unique name under .partial/ (not created), removed by discard() if still there."""
+        tmp = self.partial / f"{os.getpid()}-{uuid.uuid4().hex}.tmp"
+        self._temps.append(tmp)
+        return tmp
 
     def _links(self, st: os.stat_result) -> bool:
         """Whether this mode links and the source shares the store's filesystem."""
@@ -166,14 +168,12 @@ class Filing:
         self.stat = st
         if held or self._links(st):
             return None
-        self._spool = open(self._temp(), "wb")  # noqa: SIM115 - closed in finish or discard
+        self._spool = open(self._temp(), "xb")  # noqa: SIM115 - closed in finish or discard
         return self._spool
 
     def finish(self, sha256: str, fmt: str, data: bytes | None) -> tuple[str, str]:
         """(absolute stored path, what was done: 'link' | 'copy' | 'exists')."""
         final = Path(self.settings.root) / relpath(sha256, fmt)
-        if self._spool is not None:
-            self._spool.close()
         try:
             if final.exists():
                 return str(final), "exists"
@@ -182,7 +182,6 @@ class Filing:
             if self._links(self.stat):
                 tmp = self._temp()
                 try:
-                    tmp.unlink()
                     os.link(self.source, tmp, follow_symlinks=True)  # the file, not a link to it
                     action = "link"
                 except OSError as e:
@@ -205,15 +204,19 @@ class Filing:
         """A fsynced temporary copy of the source's bytes, from the read that hashed them."""
         if self._spool is not None:
             tmp = Path(self._spool.name)
-        else:
+            _close_synced(self._spool)
+        elif data is not None:
             tmp = self._temp()
-            if data is not None:
-                tmp.write_bytes(data)
-            else:  # grew past the in-memory limit while read, or a refused link: read it again
-                shutil.copyfile(self.source, tmp)
-                if _sha256_of(tmp) != sha256:
-                    raise ChangedError("file changed while it was being read")
-        _fsynced(tmp)
+            with open(tmp, "xb") as f:
+                f.write(data)
+                _close_synced(f)
+        else:  # grew past the in-memory limit while read, or a refused link: read it again
+            tmp = self._temp()
+            shutil.copyfile(self.source, tmp)
+            if _sha256_of(tmp) != sha256:
+                raise ChangedError("file changed while it was being read")
+            with open(tmp, "rb+") as f:
+                _close_synced(f)
         if self.settings.mode == "move" and _sha256_of(tmp) != sha256:
             # The source goes once the catalog commits: prove the copy first (from the page cache).
             raise StoreError(errno.EIO, "the stored copy's sha256 differs from the original's")
