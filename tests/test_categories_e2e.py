@@ -15,7 +15,9 @@ from lookalike.config import Config
 from lookalike.db.load import copy_embeddings
 from lookalike.driver.ingest import run
 from lookalike.driver.recluster import recluster
+from lookalike.labels.hierarchy import find_mask
 from lookalike.layout import Layout
+from lookalike.read.catalog import Catalog
 
 pytestmark = pytest.mark.slow
 
@@ -105,6 +107,15 @@ def test_assignments_survive_reruns_and_new_images_join(cfg: Config, archive: Pa
     found = {Path(line).name for line in capsys.readouterr().out.splitlines()}
     assert len(birds) == 26 and len(found & birds) >= 0.8 * len(birds)
     assert len(found - birds) <= 0.2 * len(found)
+    # One rule: the catalog's SQL finds exactly what find_mask finds on the stored top-5 labels.
+    with Catalog(home=cfg.home) as cat:
+        labels = cat.sql("SELECT image_id, class_id, score FROM image_labels ORDER BY image_id, rank")
+        ids = labels["image_id"].to_numpy()[::5]
+        top_idx = labels["class_id"].to_numpy().reshape(-1, 5)
+        top_p = labels["score"].to_numpy().reshape(-1, 5)
+        for word in ("bird", "dog", "vehicle"):
+            expected = set(ids[find_mask(word, top_idx, top_p)].tolist())
+            assert set(cat.find(word, limit=None)["image_id"].tolist()) == expected, word
     # Every image has its category when its run ends: sizes count every member.
     for cluster_id, size in query(cfg, "SELECT id, size FROM clusters"):
         (members,), = query(cfg, "SELECT count(*) FROM image_cluster WHERE cluster_id = %s", cluster_id)

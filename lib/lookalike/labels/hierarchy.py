@@ -265,8 +265,13 @@ def senses(word: str) -> list[tuple[str, str, int]]:
     return [(node, ", ".join(h.node_lemmas[node]), len(h.members[node])) for node in nodes_for(word)]
 
 
+# `find WORD`'s rule, for Catalog.find's SQL and find_mask alike: an image is found when its top
+# label is under the word, or its top-5 labels put at least this much probability there.
+FIND_MIN_MASS = 0.5
+
+
 def find_mask(word: str, top_idx: np.ndarray, top_p: np.ndarray | None = None,
-              min_mass: float = 0.5) -> np.ndarray:
+              min_mass: float = FIND_MIN_MASS) -> np.ndarray:
     """Which images' labels fall under ``word``: (n,) bools from their stored top-k labels.
 
     With ``top_p`` (the top-k probabilities), an image matches when the probability of its top-k labels

@@ -28,7 +28,7 @@ from lookalike.db import vector_index
 from lookalike.db.runs import catalog_store
 from lookalike.db.sql import ACTIVE_VER, KEEP_ORDER, OPEN_PATH, PATH_COUNT, hamming_sql
 from lookalike.db.vector_io import read_vectors
-from lookalike.labels.hierarchy import classes_under
+from lookalike.labels.hierarchy import FIND_MIN_MASS, classes_under
 from lookalike.layout import Layout
 from lookalike.read import search
 
@@ -254,11 +254,12 @@ SELECT l.image_id, l.label, l.score, ic.cluster_id, c.name AS category,
        {OPEN_PATH.format('l.image_id')} AS path
 FROM (SELECT image_id, (array_agg(label ORDER BY score DESC))[1] AS label, sum(score)::float8 AS score
       FROM image_labels WHERE model_ver = {ACTIVE_VER} AND class_id = ANY(%(classes)s) GROUP BY image_id
-      -- its most likely label is under the word, or its top-5 put half their probability there
-      HAVING bool_or(rank = 1) OR sum(score) >= 0.5) l
+      -- its most likely label is under the word, or its top-5 put FIND_MIN_MASS there (find_mask)
+      HAVING bool_or(rank = 1) OR sum(score) >= %(min_mass)s) l
 LEFT JOIN image_cluster ic ON ic.image_id = l.image_id AND ic.model_ver = {ACTIVE_VER}
 LEFT JOIN clusters c ON c.id = ic.cluster_id
-ORDER BY l.score DESC, l.image_id LIMIT %(limit)s""", {"classes": classes, "limit": limit})
+ORDER BY l.score DESC, l.image_id LIMIT %(limit)s""", {"classes": classes, "limit": limit,
+                                                        "min_mass": FIND_MIN_MASS})
 
     def name_category(self, cluster_id: int, name: str) -> None:
         """Give a category of the active model an analyst's name, which no automatic name replaces
