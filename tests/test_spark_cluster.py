@@ -2,7 +2,8 @@
 
 The run goes through the script a scheduler would call: the package travels as a zip
 (--py-files), the scan's walk, extract and embed run in the worker's executor, and the
-catalog must equal the local-mode run's.
+catalog must equal the local-mode run's. It files the originals into a content-addressed store
+(copy mode) from the executor, as a cluster with a shared store does.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from catalog_snapshot import (
     stop_embedded_server,
 )
 from conftest import REPO
+
+from lookalike import cli
 
 pytest_plugins = ["catalog_snapshot"]
 pytestmark = pytest.mark.slow
@@ -97,17 +100,25 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 def test_spark_submit_on_a_standalone_cluster_equals_the_local_run(
         cluster: Cluster, reference: Reference, archive: Archive, tmp_path: Path) -> None:
     expected = reference.snapshot()
-    home = tmp_path / "home"
+    home, store_root = tmp_path / "home", tmp_path / "store"
     home.mkdir()
     seed_models(reference.home, home)
+    config = tmp_path / "store.toml"
+    config.write_text(archive.config.read_text() + f'[store]\nroot = "{store_root}"\nmode = "copy"\n')
     run = CliRun([str(REPO / "spark-submit.sh"), "--master", cluster.url, "run", str(archive.root),
-                  "--home", str(home), "--config", str(archive.config)], run_env(tmp_path))
+                  "--home", str(home), "--config", str(config)], run_env(tmp_path))
     try:
         assert run.wait(600) == 0, run.tail()
         got = snapshot(home_config(home))
+        # The executor filed every image's original, each under its own sha256.
+        assert len(list(store_root.glob("??/??/*"))) == len(got["images"])
+        assert cli.main(["verify", "--full", "--home", str(home), "--config", str(config)]) == 0
     finally:
         run.kill()
         stop_embedded_server(home)
+    assert got["meta"]["store_root"] == str(store_root)
+    got, expected = ({**snap, "meta": {k: v for k, v in snap["meta"].items() if k != "store_root"}}
+                     for snap in (got, expected))
     assert got == expected, difference(got, expected)
 
     # The work ran in the cluster's executor, with the package the script shipped.

@@ -233,7 +233,7 @@ def _timeline_section(page: _Page, cat: Catalog, months: pd.DataFrame, per_month
         return out
     shown = cat.sql(
         "SELECT * FROM (SELECT date_trunc('month', taken_at) AS period, id AS image_id, thumb_path, "
-        "path_original AS path, width, height, format, taken_at, row_number() OVER "
+        "coalesce(store_path, path_original) AS path, width, height, format, taken_at, row_number() OVER "
         "(PARTITION BY date_trunc('month', taken_at) ORDER BY taken_at, id) AS rank FROM images "
         "WHERE taken_at >= %(since)s) x WHERE rank <= %(per)s ORDER BY period DESC, rank",
         {"since": months["period"].min(), "per": per_month})
