@@ -83,10 +83,7 @@ class DedupIndexes:
         """The pHash index for a search, nothing written: as saved when it agrees with the
         catalog, else made in memory from image_hashes (8 bytes an image)."""
         hash_file = folder / cls.HASH_FILE
-        index = cls(folder, "", HashIndex.load(hash_file) if hash_file.exists() else HashIndex(),
-                    ExactVectorIndex(1))
-        index._sync_hashes(conn, save=False)
-        return index.hashes
+        return _in_step(conn, HashIndex.load(hash_file) if hash_file.exists() else HashIndex())
 
     @classmethod
     def read_vectors(cls, conn: psycopg.Connection, folder: Path, model_ver: str,
@@ -118,17 +115,11 @@ class DedupIndexes:
                 shutil.rmtree(other, ignore_errors=True)
         return index
 
-    def _sync_hashes(self, conn: psycopg.Connection, save: bool = True) -> None:
-        count, total = conn.execute("SELECT count(*), coalesce(sum(image_id), 0) "
-                                    "FROM image_hashes").fetchone()
-        if (len(self.hashes), int(self.hashes.ids.sum())) == (count, total):
-            return
-        if save:
-            say(f"dedup: indexing the catalog's {count} pHashes")
-        rows = conn.execute("SELECT image_id, phash64 FROM image_hashes ORDER BY image_id").fetchall()
-        self.hashes = HashIndex(np.asarray([r[0] for r in rows], np.int64),
-                                np.asarray([r[1] for r in rows], np.int64))
-        if save:
+    def _sync_hashes(self, conn: psycopg.Connection) -> None:
+        current = _in_step(conn, self.hashes)
+        if current is not self.hashes:
+            say(f"dedup: indexed the catalog's {len(current)} pHashes")
+            self.hashes = current
             self._save_hashes()
 
     def _sync_vectors(self, conn: psycopg.Connection, vector_type: str) -> None:
@@ -195,3 +186,13 @@ class DedupIndexes:
     def save(self) -> None:
         self._save_hashes()
         self._save_vectors()
+
+
+def _in_step(conn: psycopg.Connection, hashes: HashIndex) -> HashIndex:
+    """`hashes` when it agrees with the catalog (count and sum of image_ids), else the pHash index
+    made anew from image_hashes."""
+    count, total = conn.execute("SELECT count(*), coalesce(sum(image_id), 0) FROM image_hashes").fetchone()
+    if (len(hashes), int(hashes.ids.sum())) == (count, total):
+        return hashes
+    rows = conn.execute("SELECT image_id, phash64 FROM image_hashes ORDER BY image_id").fetchall()
+    return HashIndex(np.asarray([r[0] for r in rows], np.int64), np.asarray([r[1] for r in rows], np.int64))
