@@ -10,7 +10,8 @@ loses its primary key (a refit that keeps a category's id records the same pair 
 image_labels table is new; cluster_pool goes (every image gets its category when its run
 ends). Foreign keys follow the renamed columns by themselves.
 
-Schema 2 -> 3: images gain store_path (the content-addressed store, lookalike.store).
+Schema 2 -> 3: images gain store_path (the content-addressed store, lookalike.store); the index
+of image_paths by image_id becomes one by (image_id, path), which finds an image's first path.
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ ALTER TABLE cluster_transitions DROP CONSTRAINT IF EXISTS cluster_transitions_pk
 
 _V2_TO_V3 = """
 ALTER TABLE images ADD COLUMN IF NOT EXISTS store_path TEXT;
+CREATE INDEX IF NOT EXISTS image_paths_image_path ON image_paths (image_id, path);
+DROP INDEX IF EXISTS image_paths_image;
 """
 
 _STEPS = {1: _V1_TO_V2, 2: _V2_TO_V3}

@@ -77,7 +77,9 @@ CREATE TABLE IF NOT EXISTS image_paths (
     mtime         TIMESTAMPTZ NOT NULL,
     first_seen_at TIMESTAMPTZ NOT NULL DEFAULT now()
 );
-CREATE INDEX IF NOT EXISTS image_paths_image ON image_paths (image_id);
+-- (image_id, path): an image's paths, and its first one (db.sql.OPEN_PATH) in one probe: with
+-- (image_id) alone the planner chose to walk the primary key in path order for min(path).
+CREATE INDEX IF NOT EXISTS image_paths_image_path ON image_paths (image_id, path);
 
 -- Earlier contents of a path whose bytes changed (the path now points at a new image).
 CREATE TABLE IF NOT EXISTS image_path_history (
