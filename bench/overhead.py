@@ -212,7 +212,7 @@ def breakdown(events: list[dict[str, Any]]) -> dict[str, float]:
                        for start, end in spans["scan"])
     rows["driver: export check, model load"] = took("driver: export check and load") - took("ONNX export")
     nested = ("JVM and Spark session", "model resolution", "driver: export check and load")
-    summed = 0.0  # what the rows below add to the wall time
+    summed = 0.0  # what the rows' sum is off the wall time by
     for stage in ("extract", "embed"):
         tasks = [e for e in events if e["kind"] == "task" and e["stage"] == stage]
         for span in spans[f"{stage} stage"]:
@@ -238,7 +238,7 @@ def breakdown(events: list[dict[str, Any]]) -> dict[str, float]:
                 del parts["extract: model load in the workers"]
             for k, v in parts.items():
                 rows[k] = rows.get(k, 0.0) + v
-            summed += wall - sum(parts.values()) + work / workers  # files' work counts once per core
+            summed += work / workers - work  # in the wall time, the files' work counts once per worker
             rows[f"{stage}: files (count)"] = rows.get(f"{stage}: files (count)", 0.0) + sum(
                 t["files"] for t in mine)
     for name in ("indexes open", "load rows", "dedup", "clustering", "category names", "indexes commit",
