@@ -48,11 +48,28 @@ def _sidecar(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
 
 
+def _seal(path: Path) -> list[str]:
+    """The sidecar's lines: the sha256, then the note given when the file was made."""
+    try:
+        return _sidecar(path).read_text().splitlines()
+    except OSError:
+        return []
+
+
 def is_intact(path: Path) -> bool:
     """The file exists and its bytes have the sha256 its sidecar recorded when it was made."""
+    recorded = _seal(path)[:1]
     try:
-        recorded = _sidecar(path).read_text().strip()
-        return bool(recorded) and sha256_of(path) == recorded
+        return bool(recorded) and sha256_of(path) == recorded[0]
+    except OSError:
+        return False
+
+
+def sealed_copy(path: Path, cached: Path, note: str) -> bool:
+    """Whether `path` is a link to `cached`, sealed with `note` when it was made: what the cache
+    checked then holds without reading the file again."""
+    try:
+        return _seal(cached)[1:2] == [note] and os.path.samefile(path, cached)
     except OSError:
         return False
 
@@ -67,10 +84,10 @@ def locked(path: Path) -> Iterator[None]:
 
 
 def provide(cached: Path, make: Callable[[Path], None], usable: Callable[[Path], bool],
-            dest: Path | None = None) -> None:
+            dest: Path | None = None, note: str = "") -> None:
     """Make sure `cached` is intact and `usable`, calling make(tmp) under the lock if it is not
-    (the result is renamed onto `cached`, then sealed with its sha256); then, still under the lock,
-    put a link to it (or a copy) at `dest`."""
+    (the result is renamed onto `cached`, then sealed with its sha256 and `note`); then, still
+    under the lock, put a link to it (or a copy) at `dest`."""
     with locked(cached):
         if not (is_intact(cached) and usable(cached)):
             if cached.exists():
@@ -80,12 +97,18 @@ def provide(cached: Path, make: Callable[[Path], None], usable: Callable[[Path],
             with replacing(cached) as tmp:
                 make(tmp)
                 tmp.chmod(0o644)  # executors may run as another user
-            with replacing(_sidecar(cached)) as tmp:
-                tmp.write_text(sha256_of(cached) + "\n")
-                tmp.chmod(0o644)
+            _write_seal(cached, note)
             log.info("made %s", cached)
+        elif _seal(cached)[1:2] != [note]:
+            _write_seal(cached, note)  # checked by `usable` just now: sealed_copy may say so
         if dest is not None:
             install(cached, dest)
+
+
+def _write_seal(path: Path, note: str) -> None:
+    with replacing(_sidecar(path)) as tmp:
+        tmp.write_text(f"{sha256_of(path)}\n{note}\n")
+        tmp.chmod(0o644)
 
 
 def install(source: Path, dest: Path) -> None:

@@ -338,6 +338,8 @@ def export_is_current(spec: ModelSpec, cache_dir: str | Path) -> bool:
         return False
     if onnx_outputs(spec) == ("features",):
         return True  # what every export has: no need to read it
+    if export_cache.sealed_copy(path, onnx_path(spec, export_cache.shared_dir()), _seal_note(spec)):
+        return True  # no need to import onnx (~1 s) for what the cache checked when it made the file
     import onnx
 
     try:
@@ -400,12 +402,16 @@ def _provide_export(spec: ModelSpec, path: Path, threads: int,
     try:
         export_cache.provide(cached, lambda tmp: _export_onnx(spec, tmp, threads, verify_images),
                              lambda p: export_is_current(spec, p.parent),
-                             dest=None if path.resolve() == cached.resolve() else path)
+                             dest=None if path.resolve() == cached.resolve() else path, note=_seal_note(spec))
         return
     except OSError as exc:
         log.warning("cannot use the model cache %s (%s): exporting into %s", cached.parent, one_line(exc),
                     path.parent)
     _export_onnx(spec, path, threads, verify_images)
+
+
+def _seal_note(spec: ModelSpec) -> str:
+    return "outputs " + ",".join(onnx_outputs(spec))
 
 
 def _export_onnx(spec: ModelSpec, path: Path, threads: int,
