@@ -1,6 +1,6 @@
 """Where a run's fixed time goes, stage by stage, beside a naive script on the same files (#23).
 
-    python bench/overhead.py [CORPUS_DIR] [--small FILE] [--out DIR]
+    python bench/overhead.py [CORPUS_DIR] [--small FILE] [--out DIR] [--spark]
 
 CORPUS_DIR defaults to bench/out/corpus24 (24 archive-like files of 10-70 MB, built with
 ../shared/tools/make_large_corpus.py ../shared/data/photos-hires DIR --count 24). Four runs of
@@ -13,10 +13,12 @@ CORPUS_DIR defaults to bench/out/corpus24 (24 archive-like files of 10-70 MB, bu
 
 Each run is a child process (`--child`) that times, from outside the code under test, what the
 run calls: module imports, the PostgreSQL start, the JVM and Spark session, the scan, the model's
-resolution, the ONNX export and driver-side load, each Spark stage (split into the time to the
-first Python task, the tasks' own work and the rest), the commit step's parts, and the shutdown
-after main() returns. The Spark Python workers report their side (first task in each worker,
-imports, the model load, per-file work) through the same module, imported by them from bench/.
+resolution, the ONNX export and driver-side load, each stage (split into the time to the first
+task, the tasks' own work and the rest), the commit step's parts, and the shutdown after main()
+returns. The workers (Spark's Python workers, or lookalike.driver.local's forked pool for a small
+manifest) report their side (first task in each worker, the model load, per-file work) through
+the same module, imported by them from bench/. `--spark` runs every manifest on Spark
+([spark] local_files = 0), the way runs went before #23.
 The naive script reads and fully decodes the run's new files, one after the other, in a fresh
 process. ONNX exports come from the user's cache as a real run's would (a cold cache shows the
 export in the 24-new row). Seconds of wall time; the machine's load is printed beside them.
@@ -115,6 +117,27 @@ def embed_task(batches: Iterator[Any], **kwargs: Any) -> Iterator[Any]:
     yield from _worker_task("embed", embed.embed_task_inputs, (embed, "read_thumbnail"), batches, **kwargs)
 
 
+def local_extract_part(part: Any, settings: Any) -> Any:
+    """lookalike.driver.local's extract of one part (in a forked pool worker, or in the driver)."""
+    import pandas as pd
+
+    from lookalike.stages import extract
+
+    frames = _worker_task("extract", extract.extract_batches, (extract, "extract_file"), iter([part]),
+                          settings=settings)
+    return pd.concat(list(frames), ignore_index=True)
+
+
+def local_embed_batches(batches: Iterator[Any], settings: Any, extract: Any) -> Iterator[Any]:
+    """lookalike.driver.local's embed (in the driver)."""
+    from lookalike.stages import embed
+
+    if not hasattr(embed.get_embedder, "__wrapped__"):
+        _patch(embed, "get_embedder", "worker model load")
+    yield from _worker_task("embed", embed.embed_batches, (embed, "read_thumbnail"), batches,
+                            settings=settings, extract=extract)
+
+
 def _process_start() -> float:
     """This process's start, seconds since the epoch (Linux /proc)."""
     with open("/proc/self/stat") as f:
@@ -154,6 +177,13 @@ def child(argv: list[str]) -> int:
         _patch(owner, attr, name)
     stages.extract_batches = overhead.extract_task
     stages.embed_task_inputs = overhead.embed_task
+    try:  # lookalike.driver.local came with #23: the bench also times the code before it
+        import lookalike.driver.local as local
+    except ImportError:
+        local = None
+    if local is not None:
+        local._extract_part = overhead.local_extract_part
+        local.embed_batches = overhead.local_embed_batches
     started = time.time()
     try:
         rc = lookalike.cli.main(argv)
@@ -163,8 +193,8 @@ def child(argv: list[str]) -> int:
 
 
 # -- the parent: the scenarios, the table -------------------------------------------------------
-def run_child(name: str, roots: list[Path], home: Path,
-              trace_dir: Path) -> tuple[float, list[dict[str, Any]]]:
+def run_child(name: str, roots: list[Path], home: Path, trace_dir: Path,
+              spark: bool) -> tuple[float, list[dict[str, Any]]]:
     trace = trace_dir / f"{name.replace(' ', '-')}.jsonl"
     trace.unlink(missing_ok=True)
     env = dict(os.environ, **{TRACE_ENV: str(trace)})
@@ -172,6 +202,10 @@ def run_child(name: str, roots: list[Path], home: Path,
     env["PYTHONPATH"] = os.pathsep.join([str(REPO / "lib"), str(BENCH), env.get("PYTHONPATH", "")])
     cmd = [sys.executable, str(BENCH / "overhead.py"), "--child", "run", *map(str, roots),
            "--home", str(home)]
+    if spark:
+        config = trace_dir / "spark.toml"
+        config.write_text("[spark]\nlocal_files = 0\n")
+        cmd += ["--config", str(config)]
     started = time.time()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     ended = time.time()
@@ -210,7 +244,8 @@ def breakdown(events: list[dict[str, Any]]) -> dict[str, float]:
         rows[name] = took(name)
     rows["scan"] = sum(end - start - within((start, end), ("JVM and Spark session",))
                        for start, end in spans["scan"])
-    rows["driver: export check, model load"] = took("driver: export check and load") - took("ONNX export")
+    rows["driver: ONNX export check, model load"] = (took("driver: export check and load")
+                                                     - took("ONNX export"))
     nested = ("JVM and Spark session", "model resolution", "driver: export check and load")
     summed = 0.0  # what the rows' sum is off the wall time by
     for stage in ("extract", "embed"):
@@ -219,23 +254,24 @@ def breakdown(events: list[dict[str, Any]]) -> dict[str, float]:
             wall = span[1] - span[0] - within(span, nested)
             mine = [t for t in tasks if span[0] <= t["enter"] <= span[1]]
             if not mine:
-                rows[f"{stage}: stage done already"] = rows.get(f"{stage}: stage done already", 0.0) + wall
+                key = f"{stage}: no task (done already)"
+                rows[key] = rows.get(key, 0.0) + wall
                 continue
             first, last = min(t["enter"] for t in mine), max(t["end"] for t in mine)
             workers = len({t["pid"] for t in mine})
             work = sum(t["work"] for t in mine)
             load = sum(end - start for start, end in spans["worker model load"] if first <= start <= last)
             parts = {
-                f"{stage}: to the first Python task (job, worker start, imports)":
+                f"{stage}: to the first task (Spark job or pool, worker start, imports)":
                     first - span[0] - within((span[0], first), nested),
-                f"{stage}: model load in the workers": load / workers,
+                f"{stage}: model load (per worker)": load / workers,
                 f"{stage}: files' own work (core-seconds)": work,
                 f"{stage}: tasks' rest (set-up, batches, Arrow, idle cores)":
                     (last - first) - (work + load) / workers,
                 f"{stage}: after the last task (write, job end, read back)": span[1] - last,
             }
             if stage == "extract":
-                del parts["extract: model load in the workers"]
+                del parts["extract: model load (per worker)"]
             for k, v in parts.items():
                 rows[k] = rows.get(k, 0.0) + v
             summed += work / workers - work  # in the wall time, the files' work counts once per worker
@@ -266,6 +302,7 @@ def main() -> None:
     ap.add_argument("--small", type=Path, default=REPO.parent / "shared" / "data" / "imagenet-dev"
                     / "n01440764_tench.JPEG")
     ap.add_argument("--out", type=Path, help="keep the homes and traces here (default: a temporary folder)")
+    ap.add_argument("--spark", action="store_true", help="every manifest on Spark (local_files = 0)")
     args = ap.parse_args()
     exts = {".jpg", ".jpeg", ".png", ".tif", ".tiff"}
     corpus = sorted(p for p in args.corpus.rglob("*") if p.suffix.lower() in exts)
@@ -287,7 +324,7 @@ def main() -> None:
         elif name == "1 large":
             make_large(large_src, new[0])
         load = os.getloadavg()[0]
-        took, events = run_child(name, roots, home, work)
+        took, events = run_child(name, roots, home, work, args.spark)
         results[name] = (took, naive(new), breakdown(events))
         print(f"{name}: {len(new)} new files, {took:.1f} s (naive {results[name][1]:.1f} s, "
               f"load average {load:.1f})", file=sys.stderr)
