@@ -34,7 +34,7 @@ def local_cores(master: str) -> int | None:
         return None
     if m.group(1) is None:
         return 1
-    return os.cpu_count() or 1 if m.group(1) == "*" else int(m.group(1))
+    return (os.cpu_count() or 1) if m.group(1) == "*" else int(m.group(1))
 
 
 def _worker_signals() -> None:
