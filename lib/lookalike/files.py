@@ -1,8 +1,10 @@
-"""Writing files so that a reader, or a run killed half-way, never sees half of one."""
+"""Writing files so that a reader, or a run killed half-way, never sees half of one; and a file's
+sha256, the identity lookalike checks files by."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,3 +28,12 @@ def replacing(dest: str | os.PathLike, fsync: bool = False) -> Iterator[Path]:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    """The hex sha256 of a file's bytes, read in 8 MB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import os
 import shutil
 import uuid
@@ -26,13 +25,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from lookalike.files import sha256_of
+
 MODES = ("hardlink", "copy", "move")
 PARTIAL = ".partial"
 THUMBS = "thumbs"
 
 # Pillow's format names whose usual extension is not the name in lower case.
 _EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "TIFF": "tif", "HEIF": "heic", "JPEG2000": "jp2"}
-_COPY_CHUNK = 8 << 20
 
 
 @dataclass
@@ -129,14 +129,6 @@ def _close_synced(f: IO[bytes]) -> None:
     f.close()
 
 
-def _sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_COPY_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 class Filing:
     """Files one original into the store, fed by the extract stage's single read of it.
 
@@ -213,11 +205,11 @@ class Filing:
         else:  # grew past the in-memory limit while read, or a refused link: read it again
             tmp = self._temp()
             shutil.copyfile(self.source, tmp)
-            if _sha256_of(tmp) != sha256:
+            if sha256_of(tmp) != sha256:
                 raise ChangedError("file changed while it was being read")
             with open(tmp, "rb+") as f:
                 _close_synced(f)
-        if self.settings.mode == "move" and _sha256_of(tmp) != sha256:
+        if self.settings.mode == "move" and sha256_of(tmp) != sha256:
             # The source goes once the catalog commits: prove the copy first (from the page cache).
             raise StoreError(errno.EIO, "the stored copy's sha256 differs from the original's")
         return tmp
@@ -317,7 +309,7 @@ def verify(rows: Iterator[tuple[int, str | None, str, int, str]], root: Path | N
                 if actual != size:
                     yield Problem("size", stored, f"image {image_id}: {actual} bytes, the catalog says "
                                                   f"{size}")
-                elif full and _sha256_of(Path(stored)) != sha256:
+                elif full and sha256_of(Path(stored)) != sha256:
                     yield Problem("corrupt", stored, f"image {image_id}: its sha256 is not {sha256}")
         counts.thumbnails_checked += 1
         if not (thumbs / thumb).is_file():

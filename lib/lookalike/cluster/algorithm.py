@@ -25,17 +25,19 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import faiss
 import numpy as np
 import pandas as pd
 from scipy import sparse
-from sklearn.cluster import MiniBatchKMeans, kmeans_plusplus
 from threadpoolctl import threadpool_limits
 
 from lookalike.config import load_config
 from lookalike.vectors import l2_normalize
+
+if TYPE_CHECKING:
+    from sklearn.cluster import MiniBatchKMeans
 
 __all__ = [
     "ClusterConfig",
@@ -275,6 +277,9 @@ def _warm_kmeans(sample: np.ndarray, k: int, cfg: ClusterConfig) -> MiniBatchKMe
     centroids into means at once; one partial_fit step over the sample then gives each centroid
     a weight of about `init_per_cluster`, so later batches refine it instead of replacing it.
     """
+    # Imported here: sklearn takes ~1.4 s to import, and most runs only assign to clusters.
+    from sklearn.cluster import MiniBatchKMeans, kmeans_plusplus
+
     lloyd = faiss.Kmeans(
         sample.shape[1], k, niter=10, seed=cfg.seed, spherical=True,
         min_points_per_centroid=1, max_points_per_centroid=len(sample),

@@ -1,4 +1,5 @@
-"""The executor-side stages (lookalike.stages) run on Spark, for one catalog home.
+"""The executor-side stages (lookalike.stages) run on Spark, for one catalog home; a small
+manifest on a local master runs them without Spark (lookalike.driver.local).
 
 Spark distributes paths and task numbers, never image bytes: tasks open the files themselves.
 Each stage writes Parquet under <home>/stages/<name>/ and is complete once Spark's _SUCCESS
@@ -8,6 +9,8 @@ marker is there, so a stage that finished before a run was killed is not run aga
 from __future__ import annotations
 
 import math
+import os
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,6 +22,7 @@ from PIL import Image
 
 from lookalike import store
 from lookalike.config import Config
+from lookalike.driver import local
 from lookalike.layout import Layout, file_safe
 from lookalike.models.registry import ModelSpec
 from lookalike.models.runtime import ensure_export, ensure_labels
@@ -45,7 +49,8 @@ def extract_tasks(files: int, total_bytes: int, task_bytes: int, cores: int) -> 
 
 
 class SparkStages:
-    """Scan, extract and embed on Spark; the session starts on first use."""
+    """Scan, extract and embed on Spark; the session starts on first use, which a run whose
+    manifests are all small on a local master never makes."""
 
     def __init__(self, cfg: Config, layout: Layout) -> None:
         self.cfg = cfg
@@ -72,6 +77,12 @@ class SparkStages:
     def cores(self) -> int:
         return self.spark.sparkContext.defaultParallelism
 
+    def local_cores(self, files: int) -> int | None:
+        """The cores to run a manifest of `files` files on without Spark; None: on Spark."""
+        if files > self.cfg["spark"]["local_files"]:
+            return None
+        return local.local_cores(os.environ.get("LOOKALIKE_SPARK_MASTER", self.cfg["spark"]["master"]))
+
     def walk(self, settings: ScanSettings, subtrees: list[str]) -> pa.Table:
         """Every file under the subtrees, one task a subtree: a million files spread over executors."""
         walked = self.spark.sparkContext.parallelize(subtrees, len(subtrees)).flatMap(
@@ -89,6 +100,11 @@ class SparkStages:
             if settings.store is not None and settings.store.enabled:
                 store.prepare(settings.store.root)  # and clear a killed run's temporary files
             total_bytes = pc.sum(sizes).as_py() or 0
+            cores = self.local_cores(len(sizes))
+            if cores is not None:
+                with stage(f"extract {manifest_id}", len(sizes), total_bytes=total_bytes):
+                    local.extract(self.layout.manifest(manifest_id), settings, out, cores)
+                return pq.read_table(out)
             tasks = extract_tasks(len(sizes), total_bytes, self.cfg["extract"]["task_bytes"], self.cores)
             with stage(f"extract {manifest_id}", len(sizes), self.spark, total_bytes=total_bytes):
                 df = self.spark.read.parquet(str(self.layout.manifest(manifest_id))).repartition(tasks)
@@ -104,6 +120,11 @@ class SparkStages:
             settings = self._embed_settings(spec)
             # store=False: a lost thumbnail is made again from the original, which is filed already.
             extract = ExtractSettings.from_config(self.cfg, self.layout.thumbs, store=False)
+            cores = self.local_cores(rows.num_rows)
+            if cores is not None:
+                with stage(f"embed {name}", rows.num_rows):
+                    local.embed(rows, replace(settings, threads=cores), extract, out)
+                return embeddings_table(pq.read_table(out))
             tasks = embed_tasks(rows.num_rows, self.cores, settings.batch_size)
             with stage(f"embed {name}", rows.num_rows, self.spark):
                 inputs = self.layout.stage(name, "embed-input")

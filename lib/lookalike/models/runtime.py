@@ -2,7 +2,8 @@
 
 get_embedder loads a spec once per process (Spark Python workers call it per batch). Backends:
 ``torch`` (the reference) and ``onnx`` (ONNX Runtime on a file exported once per model_ver and
-verified against torch). Once the ONNX file exists, the ONNX path imports neither torch nor
+verified against torch, made once per machine in lookalike.models.export_cache and linked into
+each home). Once the ONNX file exists, the ONNX path imports neither torch nor
 torchvision nor open_clip, so executors stay light. Text embedding (CLIP only) always runs the
 torch text tower, loaded on the first Embedder.embed_text call.
 
@@ -31,6 +32,7 @@ from lookalike.errors import one_line
 from lookalike.files import replacing
 from lookalike.labels.hierarchy import softmax, top_k
 from lookalike.layout import file_safe
+from lookalike.models import export_cache
 from lookalike.models.preprocess import preprocess_image, write_image
 from lookalike.models.registry import TEXT_MODELS, CheckpointError, ModelSpec, _import_open_clip
 from lookalike.vectors import l2_normalize
@@ -71,9 +73,8 @@ def default_threads() -> int:
 
 
 def default_cache_dir() -> Path:
-    """Where exported ONNX files go when get_embedder() is given no cache_dir."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lookalike" / "models"
-
+    """Where exported ONNX files go when get_embedder() is given no cache_dir: the shared cache."""
+    return export_cache.shared_dir()
 
 
 def onnx_path(spec: ModelSpec, cache_dir: str | Path) -> Path:
@@ -337,6 +338,8 @@ def export_is_current(spec: ModelSpec, cache_dir: str | Path) -> bool:
         return False
     if onnx_outputs(spec) == ("features",):
         return True  # what every export has: no need to read it
+    if export_cache.sealed_copy(path, onnx_path(spec, export_cache.shared_dir()), _seal_note(spec)):
+        return True  # no need to import onnx (~1 s) for what the cache checked when it made the file
     import onnx
 
     try:
@@ -350,14 +353,14 @@ def _load_onnx(spec: ModelSpec, cache: Path, threads: int, batch_size: int,
                verify_images: Sequence[Image.Image] | None) -> Embedder:
     path = onnx_path(spec, cache)
     if not path.exists():
-        _export_onnx(spec, path, threads, verify_images)
+        _provide_export(spec, path, threads, verify_images)
     session = _onnx_session(path, threads)
     outputs = onnx_outputs(spec)
     have = [o.name for o in session.get_outputs()]
     if not set(outputs) <= set(have):
         log.info("%s has outputs %s, not %s (exported before labels): exporting it again", path, have,
                  list(outputs))
-        _export_onnx(spec, path, threads, verify_images)
+        _provide_export(spec, path, threads, verify_images)
         session = _onnx_session(path, threads)
     exported_ver = session.get_modelmeta().custom_metadata_map.get("model_ver")
     if exported_ver != spec.model_ver:
@@ -390,6 +393,27 @@ def _onnx_session(path: Path, threads: int) -> Any:
     return session
 
 
+def _provide_export(spec: ModelSpec, path: Path, threads: int,
+                    verify_images: Sequence[Image.Image] | None) -> None:
+    """Put the export of ``spec`` at ``path``: linked from the machine's shared cache, where it is
+    exported first if no intact, current copy is there. A cache that cannot be written (a read-only
+    home directory) costs an export into ``path`` itself."""
+    cached = onnx_path(spec, export_cache.shared_dir())
+    try:
+        export_cache.provide(cached, lambda tmp: _export_onnx(spec, tmp, threads, verify_images),
+                             lambda p: export_is_current(spec, p.parent),
+                             dest=None if path.resolve() == cached.resolve() else path, note=_seal_note(spec))
+        return
+    except OSError as exc:
+        log.warning("cannot use the model cache %s (%s): exporting into %s", cached.parent, one_line(exc),
+                    path.parent)
+    _export_onnx(spec, path, threads, verify_images)
+
+
+def _seal_note(spec: ModelSpec) -> str:
+    return "outputs " + ",".join(onnx_outputs(spec))
+
+
 def _export_onnx(spec: ModelSpec, path: Path, threads: int,
                  verify_images: Sequence[Image.Image] | None) -> None:
     from lookalike.models.onnx_export import export_image_model, synthetic_photos
@@ -402,8 +426,8 @@ def _export_onnx(spec: ModelSpec, path: Path, threads: int,
     pixels = np.stack([preprocess_image(im, spec.preprocess) for im in verify_images[:16]])  # enough to judge
     diff = export_image_model(image_module, path, pixels, metadata={"model_ver": spec.model_ver},
                               atol=_ONNX_ATOL, outputs=onnx_outputs(spec))
-    log.info("exported %s to %s (max abs diff to torch %.1e on %d images)",
-             spec.model_ver, path, diff, len(pixels))
+    log.info("exported %s to ONNX (max abs diff to torch %.1e on %d images)", spec.model_ver, diff,
+             len(pixels))
 
 
 def _load_torch(spec: ModelSpec, threads: int, batch_size: int, cache: Path) -> Embedder:
