@@ -44,6 +44,13 @@ def _worker_signals() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
+def _workers() -> multiprocessing.context.BaseContext:
+    """The forkserver context, its server preloaded with the extract stage (started once a run)."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["lookalike.driver.local"])
+    return context
+
+
 def _extract_part(part: pd.DataFrame, settings: ExtractSettings) -> pd.DataFrame:
     return pd.concat(list(extract_batches(iter([part]), settings)), ignore_index=True)
 
@@ -59,9 +66,11 @@ def extract(manifest: Path, settings: ExtractSettings, out: Path, workers: int) 
     if workers == 1:
         frames = [_extract_part(parts[0], settings)]
     else:
-        # fork: the workers start with everything imported. On an error, a Ctrl-C or a SIGTERM
-        # (the driver's KeyboardInterrupt) the context manager ends them with SIGTERM.
-        with multiprocessing.get_context("fork").Pool(workers, initializer=_worker_signals) as pool:
+        # Workers forked from a fresh forkserver, not from the driver: a fork of the driver after it
+        # ran OpenMP code (LibRaw's demosaic, torch) deadlocks in the child's first parallel region.
+        # On an error, a Ctrl-C or a SIGTERM (the driver's KeyboardInterrupt) the context manager
+        # ends them with SIGTERM.
+        with _workers().Pool(workers, initializer=_worker_signals) as pool:
             frames = pool.starmap(_extract_part, [(p, settings) for p in parts])
             pool.close()
             pool.join()
