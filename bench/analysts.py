@@ -14,11 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -66,6 +64,16 @@ print(json.dumps({"seconds": took, "rows": rows,
                   "mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
+CLI_CHILD = """
+import json, resource, subprocess, sys, time
+t = time.perf_counter()
+proc = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+took = time.perf_counter() - t
+if proc.returncode:
+    sys.exit(proc.stderr.strip() or proc.returncode)
+print(json.dumps({"seconds": took, "mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
+"""
+
 NOTEBOOKS_CHILD = """
 import json, os, resource, sys, time
 import nbformat
@@ -88,15 +96,13 @@ print(json.dumps({"seconds": max(out.values()), "each": {"seconds": out, "errors
 
 def measure(kind: str, what: str, home: Path, tmp: Path) -> dict:
     if kind == "cli":
-        args = [*CLI, *what.format(tmp=tmp).split(), "--home", str(home)]
-        started = time.perf_counter()
-        proc = subprocess.run(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        took = time.perf_counter() - started
+        # Through a wrapper process whose only child is the command: its children's peak RSS is
+        # the command's own (this process's would hold every surface measured before).
+        args = [sys.executable, "-c", CLI_CHILD, *CLI, *what.format(tmp=tmp).split(), "--home", str(home)]
+        proc = subprocess.run(args, capture_output=True, text=True)
         if proc.returncode:
-            return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}
-        # The children's peak so far: each CLI surface runs after the last, so this is its own
-        # only while it is the largest yet; good enough to compare with a 1 GB target.
-        return {"seconds": took, "mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
+            return {"error": (proc.stderr.strip().splitlines() or [str(proc.returncode)])[-1]}
+        return json.loads(proc.stdout.strip().splitlines()[-1])
     env_home = {}
     script = [sys.executable, "-c", CHILD, kind, what, str(home)]
     if kind == "notebooks":
