@@ -217,6 +217,12 @@ def test_clusters_are_the_active_models_only(cat: Catalog) -> None:
     vectors = cat.embeddings()
     assert len(vectors) == len(cat.images()) and vectors["cluster_id"].notna().all()
     assert {len(v) for v in vectors["embedding"]} == {1280}  # the retired 3-d vectors stay out
+    # Bounded: a sample spread over the catalog (every k-th image), each with its own cluster.
+    sample = cat.embeddings(limit=5)
+    assert 0 < len(sample) <= 5 and set(sample["image_id"]) <= set(vectors["image_id"])
+    assert sample["image_id"].max() > vectors["image_id"].median(), "the sample is not spread out"
+    by_id = vectors.set_index("image_id")["cluster_id"]
+    assert all(by_id[i] == c for i, c in zip(sample["image_id"], sample["cluster_id"], strict=True))
 
 
 @pytest.mark.slow

@@ -228,14 +228,24 @@ ORDER BY cluster_id, rank""", {"cid": cluster_id, "limit": limit})
                 raise KeyError(f"cluster {cluster_id} is not a cluster of the active model {self.model_ver}")
         return ranked
 
-    def embeddings(self) -> pd.DataFrame:
-        """(image_id, cluster_id, embedding) of the active model; embedding holds float32 arrays."""
+    def embeddings(self, limit: int | None = 20_000) -> pd.DataFrame:
+        """(image_id, cluster_id, embedding) of the active model; embedding holds float32 arrays.
+
+        At most `limit` rows: when the model has more, every k-th image by image_id (a sample
+        spread evenly over the catalog's history). None reads them all: ~5 KB an image at
+        1280-d, GBs at a million.
+        """
+        (count,) = self.conn.execute("SELECT count(*) FROM image_embeddings WHERE model_ver = %s",
+                                     (self.model_ver,)).fetchone()
+        step = 1 if limit is None or count <= limit else -(-count // limit)
         with self.conn.cursor() as cur:
             ids, vectors = read_vectors(cur, "SELECT image_id, emb FROM image_embeddings "
-                                        "WHERE model_ver = %s ORDER BY image_id", (self.model_ver,),
-                                        self.vector_type)
+                                        "WHERE model_ver = %s AND image_id %% %s = 0 "
+                                        "ORDER BY image_id LIMIT %s",
+                                        (self.model_ver, step, limit), self.vector_type)
         clusters = dict(self.conn.execute(f"SELECT image_id, cluster_id FROM image_cluster "
-                                          f"WHERE model_ver = {ACTIVE_VER}").fetchall())
+                                          f"WHERE model_ver = {ACTIVE_VER} AND image_id = ANY(%s)",
+                                          (ids.tolist(),)).fetchall())
         return pd.DataFrame({"image_id": ids, "cluster_id": [clusters.get(int(i)) for i in ids],
                              "embedding": list(vectors)})
 
