@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import shutil
 import uuid
@@ -30,6 +31,10 @@ from lookalike.files import sha256_of
 MODES = ("hardlink", "copy", "move")
 PARTIAL = ".partial"
 THUMBS = "thumbs"
+
+# Why link(2) may refuse where a copy still works: another filesystem, a filesystem without hard
+# links, a protected source (fs.protected_hardlinks), too many links to one inode.
+_LINK_REFUSED = frozenset({errno.EXDEV, errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK})
 
 # Pillow's format names whose usual extension is not the name in lower case.
 _EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "TIFF": "tif", "HEIF": "heic", "JPEG2000": "jp2"}
@@ -64,6 +69,11 @@ class StoreSettings:
     @property
     def enabled(self) -> bool:
         return bool(self.root)
+
+    @property
+    def moves(self) -> bool:
+        """Sources are removed once the catalog holds them."""
+        return self.enabled and self.mode == "move"
 
 
 class StoreError(OSError):
@@ -113,13 +123,19 @@ def _publish(tmp: Path, final: Path) -> bool:
     except FileExistsError:
         return False
     except OSError as e:
-        if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK):
+        if e.errno not in _LINK_REFUSED:
             raise
         if final.exists():
             return False
         os.replace(tmp, final)
         return True
     return True
+
+
+@functools.cache
+def _device(folder: Path) -> int:
+    """The filesystem of the store's .partial/ folder: stat once a process, not twice a file."""
+    return os.stat(folder).st_dev
 
 
 def _close_synced(f: IO[bytes]) -> None:
@@ -154,7 +170,7 @@ class Filing:
 
     def _links(self, st: os.stat_result) -> bool:
         """Whether this mode links and the source shares the store's filesystem."""
-        return self.settings.mode != "copy" and st.st_dev == os.stat(self.partial).st_dev
+        return self.settings.mode != "copy" and st.st_dev == _device(self.partial)
 
     def tee(self, st: os.stat_result, held: bool) -> IO[bytes] | None:
         self.stat = st
@@ -177,7 +193,7 @@ class Filing:
                     os.link(self.source, tmp, follow_symlinks=True)  # the file, not a link to it
                     action = "link"
                 except OSError as e:
-                    if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.EOPNOTSUPP):
+                    if e.errno not in _LINK_REFUSED:
                         raise
             if action == "link":
                 now = os.stat(tmp)

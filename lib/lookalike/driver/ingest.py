@@ -153,7 +153,7 @@ class Ingest:
         found = found.rename_columns([c.removesuffix("_first") for c in found.column_names])
         known = self._known_files(retry_errors)
         table = found.join(known, ["path", "bytes", "mtime"], join_type="left anti")
-        if self.store.mode == "move" and self.store.enabled:
+        if self.store.moves:
             self._remove_moved(found.join(known, ["path", "bytes", "mtime"], join_type="inner"))
         table = table.select(schemas.MANIFEST.names).cast(schemas.MANIFEST).sort_by("path")
         ids = self._write_manifests(table, run_id)
@@ -272,7 +272,7 @@ class Ingest:
             joined = name_new_members(cur, spec.model_ver, ids, everything=clusters.refits > 0)
             load.mark_loaded(cur, manifest_id)
         indexes.commit(new)
-        if self.store.mode == "move" and self.store.enabled:
+        if self.store.moves:
             good = features.filter(pc.is_null(features["error"]))
             self._remove_moved(good.select(["path", "bytes", "mtime"]))
         # Loaded: the catalog holds it all (the embeddings stage alone is ~5 KB an image).
