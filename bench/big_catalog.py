@@ -23,8 +23,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import math
-import sys
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -32,7 +32,7 @@ import numpy as np
 import pyarrow as pa
 
 from lookalike import db
-from lookalike.config import load_config
+from lookalike.config import Config, load_config
 from lookalike.db import runs, vector_index
 from lookalike.driver.ingest import Ingest, RunSummary
 from lookalike.labels.hierarchy import load as load_hierarchy
@@ -185,27 +185,22 @@ def folder_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--home", type=Path, required=True, help="a new catalog home")
-    ap.add_argument("--n", type=int, default=1_000_000, help="files (default 1,000,000)")
-    ap.add_argument("--weeks", type=int, default=8, help="runs, one per simulated week (default 8)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--config", help="TOML overriding conf/lookalike.toml (as for a run)")
-    a = ap.parse_args()
-    cfg = load_config(a.config, a.home)
-    started = time.monotonic()
+def build(cfg: Config, n: int, weeks: int = 8, seed: int = 0, thumbnails: int = 64,
+          say: Callable[[str], None] = print) -> RunSummary:
+    """Catalog n synthetic files into cfg's (new) catalog, one run a simulated week; returns the
+    totals. Used by main() and by the tests' small synthetic catalog."""
     with db.writer(cfg, create=True) as (conn, vector_type):
         if conn.execute("SELECT count(*) FROM images").fetchone()[0]:
-            sys.exit(f"{a.home} already holds a catalog: give a new home")
+            raise SystemExit(f"{cfg.home} already holds a catalog: give a new home")
         ingest = Ingest(cfg, conn, vector_type, runs.catalog_store(conn, cfg))
         spec = ingest.model
-        pool = thumbnail_pool(ingest.layout.thumbs, 64)
-        archive = SyntheticArchive(a.n, spec.dim, a.seed, pool)
-        per_week = math.ceil(a.n / a.weeks)
+        pool = thumbnail_pool(ingest.layout.thumbs, thumbnails)
+        archive = SyntheticArchive(n, spec.dim, seed, pool, centres=min(3000, max(10, n // 50)),
+                                   errors=min(300, max(3, n // 1000)))
+        per_week = math.ceil(n / weeks)
         total = RunSummary()
-        for week in range(a.weeks):
-            week_files = range(week * per_week, min(a.n, (week + 1) * per_week))
+        for week in range(weeks):
+            week_files = range(week * per_week, min(n, (week + 1) * per_week))
             if not week_files:
                 break
             run_started = time.monotonic()
@@ -224,20 +219,35 @@ def main() -> None:
                 with conn.transaction():
                     runs.finish_run(conn, run_id, summary.as_dict())
             total.counts.add(summary.counts)
-            print(f"week {week}: {len(week_files)} files, {summary.counts.new_images} new images, "
-                  f"{summary.counts.exact_copies} exact copies, {summary.counts.errors} errors "
-                  f"in {summary.seconds:.0f} s", flush=True)
-        loaded = time.monotonic() - started
+            say(f"week {week}: {len(week_files)} files, {summary.counts.new_images} new images, "
+                f"{summary.counts.exact_copies} exact copies, {summary.counts.errors} errors "
+                f"in {summary.seconds:.0f} s")
         index_started = time.monotonic()
         if vector_type == "vector":
             vector_index.ensure_index(conn, spec.model_ver, spec.dim)
-        index_s = time.monotonic() - index_started
+        total.seconds = time.monotonic() - index_started  # the vector index's build
+    return total
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--home", type=Path, required=True, help="a new catalog home")
+    ap.add_argument("--n", type=int, default=1_000_000, help="files (default 1,000,000)")
+    ap.add_argument("--weeks", type=int, default=8, help="runs, one per simulated week (default 8)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--config", help="TOML overriding conf/lookalike.toml (as for a run)")
+    a = ap.parse_args()
+    cfg = load_config(a.config, a.home)
+    started = time.monotonic()
+    total = build(cfg, a.n, a.weeks, a.seed, say=lambda line: print(line, flush=True))
+    loaded = time.monotonic() - started - total.seconds
+    with db.connect(cfg) as conn:
         database = conn.execute("SELECT pg_database_size(current_database())").fetchone()[0]
     c = total.counts
     print(f"built {a.n:,} files ({c.new_images:,} images, {c.exact_copies:,} exact copies, {c.errors} "
-          f"errors) in {loaded:.0f} s + vector index {index_s:.0f} s")
+          f"errors) in {loaded:.0f} s + vector index {total.seconds:.0f} s")
     print(f"on disk: database {database / 2**30:.2f} GiB, near-duplicate indexes "
-          f"{folder_bytes(cfg.home / 'index') / 2**30:.2f} GiB, thumbnails {len(pool)} real ones shared")
+          f"{folder_bytes(cfg.home / 'index') / 2**30:.2f} GiB, thumbnails: a pool of 64 real ones shared")
 
 
 if __name__ == "__main__":

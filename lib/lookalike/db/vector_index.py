@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 
 import psycopg
@@ -34,6 +35,12 @@ log = logging.getLogger(__name__)
 
 # hnsw.ef_search for the searches lookalike runs: recall@10 ~0.98 at 100k (bench/vector_index.py).
 EF_SEARCH = 100
+# What one element of the graph takes while pgvector builds it: the halfvec (2 bytes a
+# dimension) plus its neighbour lists and tuple headers (m=16: 32 neighbours on layer 0).
+GRAPH_BYTES_OVER_VECTOR = 512
+# The share of this machine's memory a build may take: a graph that does not fit in
+# maintenance_work_mem is built by inserting into the on-disk index, several times slower.
+BUILD_MEMORY_SHARE = 0.25
 
 
 def index_name(model_ver: str) -> str:
@@ -72,6 +79,7 @@ def ensure_index(conn: psycopg.Connection, model_ver: str, dim: int) -> None:
     started = time.monotonic()
     try:
         with conn.transaction():
+            _size_the_build(conn, model_ver, dim)
             conn.execute(f"CREATE INDEX {index_name(model_ver)} ON image_embeddings USING hnsw "
                          f"((emb::halfvec({dim})) halfvec_cosine_ops) "
                          f"WHERE model_ver = {_literal(model_ver).replace('%%', '%')}")
@@ -79,6 +87,19 @@ def ensure_index(conn: psycopg.Connection, model_ver: str, dim: int) -> None:
         log.warning("no vector index for %s: %s", model_ver, one_line(e))
         return
     say(f"vector index: built for {model_ver} in {time.monotonic() - started:.1f} s")
+
+
+def _size_the_build(conn: psycopg.Connection, model_ver: str, dim: int) -> None:
+    """Give this build the memory its whole graph needs (PostgreSQL's default 64 MB holds ~20k
+    1280-d vectors), within BUILD_MEMORY_SHARE of the machine, and every core but one as a
+    parallel worker: for this transaction only."""
+    vectors = conn.execute("SELECT count(*) FROM image_embeddings WHERE model_ver = %s",
+                           (model_ver,)).fetchone()[0]
+    need_mb = vectors * (2 * dim + GRAPH_BYTES_OVER_VECTOR) * 1.1 / 2**20
+    machine_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
+    memory_mb = int(max(64, min(need_mb, machine_mb * BUILD_MEMORY_SHARE)))
+    conn.execute(f"SET LOCAL maintenance_work_mem = '{memory_mb}MB'")
+    conn.execute(f"SET LOCAL max_parallel_maintenance_workers = {max(0, (os.cpu_count() or 1) - 1)}")
 
 
 def drop_other_indexes(conn: psycopg.Connection, keep_model_ver: str) -> None:

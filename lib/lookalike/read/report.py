@@ -1,18 +1,27 @@
-"""A static HTML report of a catalog: cluster galleries, near-duplicate groups, exact copies, errors.
+"""A static HTML report of a catalog, in pages that stay small at a million images.
 
-DIR/index.html opens from a file:// URL with no server and no external asset: the styles and
-the one script are inline, and every thumbnail is a small copy under DIR/thumbs/ (the same
-relative path as in the catalog, so a second report into DIR reuses them). Every path and
-message is HTML-escaped. On load, the script counts the thumbnails that decoded and writes
-the result into <body data-images-loaded / data-images-total>, and flags broken ones.
+    DIR/index.html              every category by name and size, linked to its page; the latest
+                                runs and the categories they joined; what duplicates waste
+    DIR/categories/<id>.html    one category: the images closest to its centroid
+    DIR/groups/<n>.html         near-duplicate groups, the largest first, a page of them at a time
+    DIR/exact.html              images stored at more than one path
+    DIR/timeline.html           the latest months by capture date
+    DIR/errors.html             files that could not be catalogued
+
+Every page opens from a file:// URL with no server and no external asset: the styles and the
+one script are inline, and every thumbnail is a small copy under DIR/thumbs/ (the same relative
+path as in the catalog, so a second report into DIR reuses them). Every path and message is
+HTML-escaped. On load, the script counts the page's thumbnails that decoded and writes the
+result into <body data-images-loaded / data-images-total>, and flags broken ones.
 """
 
 from __future__ import annotations
 
 import html
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 import pandas as pd
@@ -25,6 +34,7 @@ from lookalike.read.text import human_bytes
 
 REPORT_THUMB = 240  # px, longest side: galleries show them at about 160 px
 REPORT_THUMB_QUALITY = 85
+GROUPS_PER_PAGE = 50
 
 
 @dataclass
@@ -36,89 +46,129 @@ class ReportSummary:
     errors: int
     thumbnails: int
     missing: int  # catalogued images whose thumbnail file is gone
+    pages: list[Path] = field(default_factory=list)
 
     def describe(self) -> str:
         missing = f", {self.missing} thumbnails missing" if self.missing else ""
-        return (f"report: {self.index} ({self.clusters} clusters, {self.groups} near-duplicate groups, "
-                f"{self.exact} images with exact copies, {self.errors} errors, "
-                f"{self.thumbnails} thumbnails{missing})")
+        return (f"report: {self.index} ({len(self.pages)} pages: {self.clusters} categories, "
+                f"{self.groups} near-duplicate groups, {self.exact} images with exact copies, "
+                f"{self.errors} errors, {self.thumbnails} thumbnails{missing})")
 
 
-def write_report(cat: Catalog, out: str | Path, per_cluster: int = 24, max_groups: int = 200,
+def write_report(cat: Catalog, out: str | Path, per_cluster: int = 24, max_groups: int = 1000,
                  max_errors: int = 1000, max_months: int = 24) -> ReportSummary:
-    """Write DIR/index.html and DIR/thumbs/; per_cluster/max_groups/max_errors/max_months bound its
-    size."""
+    """Write DIR/index.html, its pages and DIR/thumbs/. per_cluster bounds the thumbnails of a
+    category page and of a group; max_groups the groups shown (GROUPS_PER_PAGE a page),
+    max_errors/max_months the other pages."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    page = _Page(cat, out)
-    clusters = cat.clusters()
-    members = cat.members(limit=per_cluster)
-    groups = cat.groups()
+    report = _Report(cat, out)
+    clusters = cat.clusters(limit=None)
+    grown = cat.growth(runs=1, limit=None).set_index("cluster_id")["new_images"]
+    arrivals = cat.arrivals(by="run", limit=12).iloc[::-1]
+    waste = cat.wasted_bytes().iloc[0]
+    groups = cat.groups(limit=max_groups)
     group_ids = list(dict.fromkeys(groups["group_id"]))
+    errors = cat.errors(limit=max_errors)
+    (n_errors,) = cat.conn.execute("SELECT count(*) FROM ingest_errors").fetchone()
+    months = cat.timeline("month").sort_values("period", ascending=False)
+    counts = cat.sql("SELECT (SELECT count(*) FROM images) AS images, (SELECT count(*) FROM image_paths) "
+                     "AS paths").iloc[0]
+
+    group_pages = [group_ids[i:i + GROUPS_PER_PAGE] for i in range(0, len(group_ids), GROUPS_PER_PAGE)]
+    nav = [("index.html", f"{len(clusters)} categories"),
+           ("groups/1.html", f"{int(waste['near_groups'])} near-duplicate groups"),
+           ("exact.html", f"{int(waste['exact_images'])} images with exact copies"),
+           ("timeline.html", f"{len(months)} months of pictures"),
+           ("errors.html", f"{n_errors} errors")]
+    report.nav = nav
+    report.counts = f"{counts['images']} images · {counts['paths']} paths"
+
+    ids = clusters["cluster_id"].tolist()
+    for k, c in enumerate(clusters.itertuples()):
+        shown = cat.members(int(c.cluster_id), limit=per_cluster)
+        around = (ids[k - 1] if k else None, ids[k + 1] if k + 1 < len(ids) else None)
+        report.page(f"categories/{c.cluster_id}.html", display(c.name, c.cluster_id),
+                    lambda r, c=c, shown=shown, around=around: _category_page(r, c, shown, around),
+                    {"cluster-id": c.cluster_id, "images": c.images})
+    for n, page_ids in enumerate(group_pages or [[]], start=1):
+        report.page(f"groups/{n}.html", f"Near-duplicate groups, page {n}",
+                    lambda r, n=n, page_ids=page_ids: _groups_page(r, groups, page_ids, n, len(group_pages),
+                                                                     int(waste["near_groups"]), per_cluster),
+                    {"groups": len(page_ids)})
     exact = cat.sql(
         "SELECT i.id AS image_id, i.width, i.height, i.format, i.bytes, i.thumb_path, "
         "array_agg(p.path ORDER BY p.path) AS paths FROM images i JOIN image_paths p ON p.image_id = i.id "
         "GROUP BY i.id HAVING count(*) > 1 ORDER BY count(*) DESC, i.id LIMIT %s", (max_groups,))
-    n_exact = int(cat.sql("SELECT count(*) AS n FROM (SELECT 1 FROM image_paths GROUP BY image_id "
-                          "HAVING count(*) > 1) x")["n"].iloc[0])
-    errors = cat.errors()
-    months = cat.timeline("month").sort_values("period", ascending=False)
-    counts = cat.sql("SELECT (SELECT count(*) FROM images) AS images, (SELECT count(*) FROM image_paths) "
-                     "AS paths, (SELECT count(*) FROM ingest_errors) AS errors").iloc[0]
-
-    body = [
-        "<header>",
-        "<h1>lookalike catalog report</h1>",
-        f"<p class=meta>{_e(cat.where)} · model {_e(cat.model_ver or '(none yet)')} · "
-        f"generated {datetime.now(UTC):%Y-%m-%d %H:%M UTC}</p>",
-        "<nav>",
-        f"<a href='#clusters'>{len(clusters)} clusters</a>",
-        f"<a href='#near-duplicates'>{len(group_ids)} near-duplicate groups</a>",
-        f"<a href='#exact'>{n_exact} images with exact copies</a>",
-        f"<a href='#timeline'>{len(months)} months of pictures</a>",
-        f"<a href='#errors'>{len(errors)} errors</a>",
-        f"<span>{counts['images']} images · {counts['paths']} paths</span>",
-        "</nav>",
-        "<p id=broken-banner hidden></p>",
-        "</header>",
-        *_clusters_section(page, clusters, members, per_cluster),
-        *_groups_section(page, groups, group_ids[:max_groups], per_cluster),
-        *_exact_section(page, exact, n_exact),
-        *_timeline_section(page, cat, months.head(max_months), per_cluster),
-        *_errors_section(errors, max_errors),
-    ]
-    data = (f"data-clusters='{len(clusters)}' data-groups='{min(len(group_ids), max_groups)}' "
-            f"data-errors='{min(len(errors), max_errors)}' data-thumbnails='{page.thumbnails}'")
-    document = "\n".join([
-        "<!doctype html>",
-        "<html lang=en><head><meta charset=utf-8>",
-        "<meta name=viewport content='width=device-width, initial-scale=1'>",
-        "<title>lookalike catalog report</title>",
-        f"<style>{STYLE}</style>",
-        "</head>",
-        f"<body {data}>",
-        *body,
-        f"<script>{SCRIPT}</script>",
-        "</body></html>",
-    ])
-    index = out / "index.html"
-    with replacing(index) as tmp:  # a reader never sees half a report
-        tmp.write_text(document, encoding="utf-8")
-    return ReportSummary(index, len(clusters), min(len(group_ids), max_groups), n_exact,
-                         len(errors), page.thumbnails, page.missing)
+    report.page("exact.html", "Exact copies", lambda r: _exact_page(r, exact, int(waste["exact_images"])),
+                {"exact": len(exact)})
+    report.page("timeline.html", "By capture date",
+                lambda r: _timeline_page(r, cat, months.head(max_months), per_cluster), {})
+    report.page("errors.html", "Errors", lambda r: _errors_page(errors, n_errors), {"errors": len(errors)})
+    index = report.page("index.html", "lookalike catalog report",
+                        lambda r: _index_page(r, clusters, grown, arrivals, waste),
+                        {"clusters": len(clusters), "groups": len(group_ids),
+                         "group-pages": len(group_pages)})
+    return ReportSummary(index, len(clusters), len(group_ids), int(waste["exact_images"]), n_errors,
+                         report.thumbnails, report.missing, report.pages)
 
 
-class _Page:
-    """Copies thumbnails into the report as they are referenced, and renders figures."""
+class _Report:
+    """Writes the pages (each through a temporary name: a reader never sees half a page), and
+    copies thumbnails into DIR/thumbs as they are referenced."""
 
     def __init__(self, cat: Catalog, out: Path) -> None:
         self.cat = cat
         self.out = out
-        self.thumbnails = 0
+        self.thumbnails = 0  # figures written, over every page
         self.missing = 0
+        self.pages: list[Path] = []
+        self.nav: list[tuple[str, str]] = []
+        self.counts = ""
+        self._depth = 0  # folders between the page being written and DIR
+        self._page_thumbnails = 0
+
+    def page(self, name: str, title: str, body: object, data: dict[str, object]) -> Path:
+        """Render `body(self)` (a list of lines) as DIR/name under the common header."""
+        self._depth = name.count("/")
+        self._page_thumbnails = 0
+        lines = body(self)  # type: ignore[operator]
+        up = "../" * self._depth
+        links = "".join(f"<a href='{_e(up + href)}'>{_e(text)}</a>" for href, text in self.nav)
+        attributes = " ".join(f"data-{k}='{_e(v)}'" for k, v in {**data,
+                              "thumbnails": self._page_thumbnails}.items())
+        document = "\n".join([
+            "<!doctype html>",
+            "<html lang=en><head><meta charset=utf-8>",
+            "<meta name=viewport content='width=device-width, initial-scale=1'>",
+            f"<title>{_e(title)}</title>",
+            f"<style>{STYLE}</style>",
+            "</head>",
+            f"<body {attributes}>",
+            "<header>",
+            f"<h1>{_e(title)}</h1>",
+            f"<p class=meta>{_e(self.cat.where)} · model {_e(self.cat.model_ver or '(none yet)')} · "
+            f"generated {datetime.now(UTC):%Y-%m-%d %H:%M UTC}</p>",
+            f"<nav>{links}<span>{_e(self.counts)}</span></nav>",
+            "<p id=broken-banner hidden></p>",
+            "</header>",
+            *lines,
+            f"<script>{SCRIPT}</script>",
+            "</body></html>",
+        ])
+        path = self.out / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with replacing(path) as tmp:
+            tmp.write_text(document, encoding="utf-8")
+        self.pages.append(path)
+        return path
+
+    def link(self, name: str) -> str:
+        """A link from the page being written to DIR/name."""
+        return quote("../" * self._depth + name)
 
     def thumb_src(self, thumb_path: str) -> str | None:
-        """The report-relative URL of a small copy of the thumbnail; None if the catalog lost it."""
+        """The page-relative URL of a small copy of the thumbnail; None if the catalog lost it."""
         dest = self.out / "thumbs" / thumb_path
         if not dest.exists():
             source = self.cat.layout.thumbs / thumb_path
@@ -127,12 +177,14 @@ class _Page:
                 return None
             dest.parent.mkdir(parents=True, exist_ok=True)
             with Image.open(source) as im:
+                im.draft("RGB", (REPORT_THUMB, REPORT_THUMB))  # a JPEG decodes at half size: ~2x faster
                 small = im.convert("RGB")
             small.thumbnail((REPORT_THUMB, REPORT_THUMB), Image.Resampling.LANCZOS)
             with replacing(dest) as tmp:
                 small.save(tmp, "JPEG", quality=REPORT_THUMB_QUALITY)
         self.thumbnails += 1
-        return quote(f"thumbs/{thumb_path}")
+        self._page_thumbnails += 1
+        return self.link(f"thumbs/{thumb_path}")
 
     def figure(self, image_id: int, thumb_path: str, path: str | None, caption: list[str],
                css: str = "") -> str:
@@ -151,47 +203,79 @@ class _Page:
                 f"<figcaption>{lines}{path_line}</figcaption></figure>")
 
 
-def _clusters_section(page: _Page, clusters: pd.DataFrame, members: pd.DataFrame,
-                      per_cluster: int) -> list[str]:
-    out = ["<section id=clusters>", f"<h2>Similarity categories · {len(clusters)} clusters</h2>"]
+def _index_page(r: _Report, clusters: pd.DataFrame, grown: pd.Series, arrivals: pd.DataFrame,
+                waste: pd.Series) -> list[str]:
+    out = ["<section id=arrivals>", "<h2>Latest runs</h2>"]
+    if arrivals.empty:
+        out.append("<p class=empty>Nothing catalogued yet.</p>")
+    else:
+        out.append("<table><thead><tr><th>run</th><th>new images</th><th>bytes</th>"
+                   "<th>the categories most of them joined</th></tr></thead><tbody>")
+        for a in arrivals.itertuples():
+            out.append(f"<tr class=arrival><td>{a.run_id}</td><td>{a.images}</td>"
+                       f"<td>{human_bytes(a.bytes)}</td><td>{_e(a.categories or '')}</td></tr>")
+        out.append("</tbody></table>")
+    out.append("</section>")
+    out += ["<section id=waste>", "<h2>What duplicates take</h2>",
+            f"<p>Exact copies: {int(waste['exact_images'])} images at more than one path, "
+            f"{human_bytes(int(waste['exact_wasted_bytes']))} in their extra paths "
+            f"(<a href='{r.link('exact.html')}'>list</a>). "
+            f"Near-duplicates: {int(waste['near_groups'])} groups, "
+            f"{human_bytes(int(waste['near_wasted_bytes']))} in the copies other than the one to keep "
+            f"(<a href='{r.link('groups/1.html')}'>groups</a>).</p>", "</section>"]
+    out += ["<section id=clusters>", f"<h2>Similarity categories · {len(clusters)}</h2>"]
     if clusters.empty:
-        out.append("<p class=empty>No clusters yet: the catalog has no embedded images.</p>")
-    else:  # a contents list by name, so a category can be found without scrolling
-        out.append("<p class=contents>" + " · ".join(
-            f"<a href='#cluster-{c.cluster_id}'>{_e(display(c.name, c.cluster_id))}</a> ({c.images})"
-            for c in clusters.itertuples()) + "</p>")
-    by_cluster = {cid: part for cid, part in members.groupby("cluster_id")}
-    for c in clusters.itertuples():
-        shown = by_cluster.get(c.cluster_id, members.iloc[0:0])
-        more = f" · showing the {len(shown)} closest to the centroid" if c.images > len(shown) else ""
-        out.append(f"<div class=cluster id='cluster-{c.cluster_id}' data-cluster-id='{c.cluster_id}' "
-                   f"data-images='{c.images}'>")
-        out.append(f"<h3>{_e(display(c.name, c.cluster_id))} <small>#{c.cluster_id} · {c.images} images"
-                   f"{more}</small></h3>")
-        out.append("<div class=gallery>")
-        for m in shown.itertuples():
-            out.append(page.figure(m.image_id, m.thumb_path, m.path,
-                                   [f"#{m.image_id} · {m.width}×{m.height} {m.format}",
-                                    f"similarity {m.sim_score:.2f}"]))
-        out.append("</div></div>")
+        out.append("<p class=empty>No categories yet: the catalog has no embedded images.</p>")
+    else:
+        out.append("<table><thead><tr><th>category</th><th>images</th><th>new in the latest run</th>"
+                   "<th>mean similarity</th></tr></thead><tbody>")
+        for c in clusters.itertuples():
+            out.append(f"<tr class=cluster data-cluster-id='{c.cluster_id}' data-images='{c.images}'>"
+                       f"<td><a href='{r.link(f'categories/{c.cluster_id}.html')}'>"
+                       f"{_e(display(c.name, c.cluster_id))}</a> <small>#{c.cluster_id}</small></td>"
+                       f"<td>{c.images}</td><td>{int(grown.get(c.cluster_id, 0))}</td>"
+                       f"<td>{c.mean_sim:.2f}</td></tr>")
+        out.append("</tbody></table>")
     out.append("</section>")
     return out
 
 
-def _groups_section(page: _Page, groups: pd.DataFrame, group_ids: list[int], per_group: int) -> list[str]:
-    total = groups["group_id"].nunique()
-    out = ["<section id=near-duplicates>", f"<h2>Near-duplicate groups · {total}</h2>"]
-    if groups.empty:
-        out.append("<p class=empty>No near-duplicate groups yet.</p>")
-    elif len(group_ids) < total:
-        out.append(f"<p>The {len(group_ids)} largest groups are shown.</p>")
-    if total:
-        out.append("<p class=hint>Keep: the largest resolution, then the most bytes. Distances are to the "
-                   "copy to keep: the detected pair's method and distance, and pHash bits.</p>")
+def _category_page(r: _Report, c: Any, shown: pd.DataFrame,
+                   around: tuple[int | None, int | None]) -> list[str]:
+    steps = [f"<a href='{r.link(f'categories/{cid}.html')}'>{label}</a>"
+             for cid, label in zip(around, ("larger category", "smaller category"), strict=True) if cid]
+    more = f" · the {len(shown)} closest to the centroid" if c.images > len(shown) else ""
+    out = [f"<p class=steps>{' · '.join(steps)}</p>",
+           f"<div class=cluster id='cluster-{c.cluster_id}' data-cluster-id='{c.cluster_id}' "
+           f"data-images='{c.images}'>",
+           f"<h2>#{c.cluster_id} · {c.images} images{more}</h2>", "<div class=gallery>"]
+    for m in shown.itertuples():
+        out.append(r.figure(m.image_id, m.thumb_path, m.path,
+                            [f"#{m.image_id} · {m.width}×{m.height} {m.format}",
+                             f"similarity {m.sim_score:.2f}"]))
+    out.append("</div></div>")
+    return out
+
+
+def _groups_page(r: _Report, groups: pd.DataFrame, group_ids: list[int], page: int, pages: int,
+                 total: int, per_group: int) -> list[str]:
+    shown = len(groups["group_id"].unique())
+    out = ["<section id=near-duplicates>"]
+    if not total:
+        return [*out, "<p class=empty>No near-duplicate groups yet.</p>", "</section>"]
+    out.append(f"<p>{total} groups{f'; the {shown} largest are shown' if shown < total else ''}, "
+               f"{GROUPS_PER_PAGE} a page. Keep: the largest resolution, then the most bytes. Distances "
+               "are to the copy to keep: the detected pair's method and distance, and pHash bits.</p>")
+    out.append("<p class=pages>" + " ".join(
+        f"<strong>{n}</strong>" if n == page else f"<a href='{r.link(f'groups/{n}.html')}'>{n}</a>"
+        for n in range(1, pages + 1)) + "</p>")
+    by_group = {gid: part for gid, part in groups[groups["group_id"].isin(group_ids)].groupby("group_id")}
     for gid in group_ids:
-        part = groups[groups["group_id"] == gid]
+        part = by_group[gid]
         out.append(f"<div class=group id='group-{gid}' data-group-id='{gid}' data-members='{len(part)}'>")
-        out.append(f"<h3>Group {gid} <small>{len(part)} images</small></h3><div class=gallery>")
+        out.append(f"<h3>Group {gid} <small>{len(part)} images · "
+                   f"{human_bytes(int(part['wasted_bytes'].iloc[0]))} in the copies not kept</small></h3>"
+                   "<div class=gallery>")
         for m in part.head(per_group).itertuples():
             if m.keep:
                 how = "keep"
@@ -201,36 +285,35 @@ def _groups_section(page: _Page, groups: pd.DataFrame, group_ids: list[int], per
                 how = f"embedding {m.distance:.3f} · pHash {m.phash_to_keep} bits"
             else:
                 how = f"pHash {m.phash_to_keep} bits"
-            out.append(page.figure(m.image_id, m.thumb_path, m.path,
-                                   [f"#{m.image_id} · {m.width}×{m.height} {m.format}",
-                                    f"{human_bytes(m.bytes)} · {m.paths} path(s)", how],
-                                   "keep" if m.keep else "dup"))
+            out.append(r.figure(m.image_id, m.thumb_path, m.path,
+                                [f"#{m.image_id} · {m.width}×{m.height} {m.format}",
+                                 f"{human_bytes(m.bytes)} · {m.paths} path(s)", how],
+                                "keep" if m.keep else "dup"))
         out.append("</div></div>")
     out.append("</section>")
     return out
 
 
-def _exact_section(page: _Page, exact: pd.DataFrame, total: int) -> list[str]:
-    out = ["<section id=exact>", f"<h2>Exact copies · {total} images stored at more than one path</h2>"]
+def _exact_page(r: _Report, exact: pd.DataFrame, total: int) -> list[str]:
+    out = ["<section id=exact>", f"<h2>{total} images stored at more than one path</h2>"]
     if exact.empty:
         out.append("<p class=empty>No file is stored twice.</p>")
     elif len(exact) < total:
         out.append(f"<p>The {len(exact)} images with the most copies are shown.</p>")
-    for r in exact.itertuples():
-        figure = page.figure(r.image_id, r.thumb_path, r.paths[0],
-                             [f"#{r.image_id} · {r.width}×{r.height} {r.format}", human_bytes(r.bytes)])
-        paths = "".join(f"<li>{_e(p)}</li>" for p in r.paths)
-        out.append(f"<div class=exact data-image-id='{r.image_id}'>{figure}<ul>{paths}</ul></div>")
+    for e in exact.itertuples():
+        figure = r.figure(e.image_id, e.thumb_path, e.paths[0],
+                          [f"#{e.image_id} · {e.width}×{e.height} {e.format}", human_bytes(e.bytes)])
+        paths = "".join(f"<li>{_e(p)}</li>" for p in e.paths)
+        out.append(f"<div class=exact data-image-id='{e.image_id}'>{figure}<ul>{paths}</ul></div>")
     out.append("</section>")
     return out
 
 
-def _timeline_section(page: _Page, cat: Catalog, months: pd.DataFrame, per_month: int) -> list[str]:
+def _timeline_page(r: _Report, cat: Catalog, months: pd.DataFrame, per_month: int) -> list[str]:
     """The latest months by capture date, each with its first pictures."""
-    out = ["<section id=timeline>", "<h2>By capture date</h2>"]
+    out = ["<section id=timeline>"]
     if months.empty:
-        out += ["<p class=empty>No capture times yet.</p>", "</section>"]
-        return out
+        return [*out, "<p class=empty>No capture times yet.</p>", "</section>"]
     shown = cat.sql(
         "SELECT * FROM (SELECT date_trunc('month', taken_at) AS period, id AS image_id, thumb_path, "
         "coalesce(store_path, path_original) AS path, width, height, format, taken_at, row_number() OVER "
@@ -242,27 +325,25 @@ def _timeline_section(page: _Page, cat: Catalog, months: pd.DataFrame, per_month
         exif = f" · {m.from_exif} from EXIF" if m.from_exif != m.images else ""
         out.append(f"<div class=month data-period='{m.period:%Y-%m}' data-images='{m.images}'>")
         out.append(f"<h3>{m.period:%B %Y} <small>{m.images} images{exif}</small></h3><div class=gallery>")
-        for r in by_month.get(m.period, shown.iloc[0:0]).itertuples():
-            out.append(page.figure(r.image_id, r.thumb_path, r.path,
-                                   [f"#{r.image_id} · {r.taken_at:%Y-%m-%d %H:%M}",
-                                    f"{r.width}×{r.height} {r.format}"]))
+        for t in by_month.get(m.period, shown.iloc[0:0]).itertuples():
+            out.append(r.figure(t.image_id, t.thumb_path, t.path,
+                                [f"#{t.image_id} · {t.taken_at:%Y-%m-%d %H:%M}",
+                                 f"{t.width}×{t.height} {t.format}"]))
         out.append("</div></div>")
     out.append("</section>")
     return out
 
 
-def _errors_section(errors: pd.DataFrame, limit: int) -> list[str]:
-    out = ["<section id=errors>", f"<h2>Files that could not be catalogued · {len(errors)}</h2>"]
+def _errors_page(errors: pd.DataFrame, total: int) -> list[str]:
+    out = ["<section id=errors>", f"<h2>Files that could not be catalogued · {total}</h2>"]
     if errors.empty:
-        out.append("<p class=empty>None.</p>")
-        out.append("</section>")
-        return out
-    if len(errors) > limit:
-        out.append(f"<p>The first {limit} are listed.</p>")
+        return [*out, "<p class=empty>None.</p>", "</section>"]
+    if len(errors) < total:
+        out.append(f"<p>The latest {len(errors)} are listed.</p>")
     out.append("<table><thead><tr><th>path</th><th>error</th><th>reason</th><th>when</th></tr></thead><tbody>")
-    for r in errors.head(limit).itertuples():
-        out.append(f"<tr class=error><td class=path>{_e(r.path)}</td><td><code>{_e(r.error)}</code></td>"
-                   f"<td>{_e(r.message)}</td><td class=when>{r.at:%Y-%m-%d %H:%M}</td></tr>")
+    for e in errors.itertuples():
+        out.append(f"<tr class=error><td class=path>{_e(e.path)}</td><td><code>{_e(e.error)}</code></td>"
+                   f"<td>{_e(e.message)}</td><td class=when>{e.at:%Y-%m-%d %H:%M}</td></tr>")
     out.append("</tbody></table></section>")
     return out
 
@@ -288,6 +369,7 @@ body { font: 14px/1.4 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; 
 header { position: sticky; top: 0; background: #fafbfcf2; border-bottom: 1px solid var(--line);
          padding: 12px 0 8px; z-index: 1; }
 section, .cluster, .group { scroll-margin-top: 120px; }  /* anchors land below the sticky header */
+.pages strong, .pages a { margin-right: 6px; }
 h1 { font-size: 20px; margin: 0 0 2px; }
 h2 { font-size: 17px; margin: 28px 0 8px; border-bottom: 1px solid var(--line); padding-bottom: 4px; }
 h3 { font-size: 14px; margin: 16px 0 6px; }
