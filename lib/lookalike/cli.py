@@ -93,10 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--full", action="store_true", help="also read every stored original and check its sha256")
     _common(p)
 
-    p = sub.add_parser("report", help="static HTML report: cluster galleries, near-duplicates, errors")
-    p.add_argument("--out", required=True, metavar="DIR", help="folder for index.html and its thumbnails")
+    p = sub.add_parser("report", help="static HTML report: an index of every category, a page per category, "
+                                      "near-duplicate groups paged, exact copies, errors")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="folder for index.html, its pages and thumbnails")
     p.add_argument("--per-cluster", type=int, default=24, metavar="N",
-                   help="thumbnails per cluster and per near-duplicate group (default 24)")
+                   help="thumbnails per category page and per near-duplicate group (default 24)")
+    p.add_argument("--groups", type=int, default=1000, metavar="N",
+                   help="near-duplicate groups shown, the largest first, 50 a page (default 1000)")
     _common(p)
     return parser
 
@@ -251,7 +255,7 @@ def cmd_report(cfg: Config, args: argparse.Namespace) -> int:
     from lookalike.read.report import write_report
 
     with Catalog(config=cfg) as cat:
-        print(write_report(cat, args.out, per_cluster=args.per_cluster).describe())
+        print(write_report(cat, args.out, per_cluster=args.per_cluster, max_groups=args.groups).describe())
     return 0
 
 
