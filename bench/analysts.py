@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -31,6 +32,7 @@ SURFACES: dict[str, tuple[str, str, float, float]] = {
     "status": ("cli", "status", 2, 1024),
     "similar FILE": ("cli", f"similar {QUERY_PHOTO}", 3, 1024),
     "find dog": ("cli", "find dog", 2, 1024),
+    "sql (formats)": ("cli", "sql 'SELECT format, count(*) FROM images GROUP BY 1'", 5, 1024),
     "similar(image_id) warm": ("warm", "cat.similar(IMAGE_ID)", 0.2, 1024),
     "Catalog.images()": ("py", "cat.images()", 5, 1024),
     "Catalog.images(after=...)": ("py", "cat.images(after=LAST_ID - 50_000)", 5, 1024),
@@ -124,7 +126,7 @@ print(json.dumps({"seconds": time.perf_counter() - t,
 
 
 def measure(kind: str, what: str, home: Path, tmp: Path) -> dict:
-    if kind == "browser":
+    if kind == "browser":  # the report's index page: opened, rendered, its DOM dumped
         page = Path(what.format(tmp=tmp))
         browser = next(filter(None, map(shutil.which, BROWSERS)), None)
         if not page.exists() or not browser:
@@ -137,7 +139,8 @@ def measure(kind: str, what: str, home: Path, tmp: Path) -> dict:
     if kind == "cli":
         # Through a wrapper process whose only child is the command: its children's peak RSS is
         # the command's own (this process's would hold every surface measured before).
-        args = [sys.executable, "-c", CLI_CHILD, *CLI, *what.format(tmp=tmp).split(), "--home", str(home)]
+        command = [*CLI, *shlex.split(what.format(tmp=tmp)), "--home", str(home)]
+        args = [sys.executable, "-c", CLI_CHILD, *command]
         proc = subprocess.run(args, capture_output=True, text=True)
         if proc.returncode:
             return {"error": (proc.stderr.strip().splitlines() or [str(proc.returncode)])[-1]}
