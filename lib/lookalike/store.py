@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from lookalike.counts import Counts
 from lookalike.files import sha256_of
 
 MODES = ("hardlink", "copy", "move")
@@ -41,7 +42,7 @@ _EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "TIFF": "tif", "HEIF": "heic", "JPEG
 
 
 @dataclass
-class StoreCounts:
+class StoreCounts(Counts):
     """What a run did to the store: originals linked, copied, found there already, and (move)
     sources removed."""
 
@@ -49,10 +50,6 @@ class StoreCounts:
     copied: int = 0
     existing: int = 0
     removed: int = 0
-
-    def add(self, other: StoreCounts) -> None:
-        for k in vars(self):
-            setattr(self, k, getattr(self, k) + getattr(other, k))
 
 
 @dataclass(frozen=True)

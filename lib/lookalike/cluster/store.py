@@ -25,21 +25,16 @@ from lookalike.cluster.algorithm import (
     fit_clusters,
     should_refit,
 )
+from lookalike.counts import Counts
 from lookalike.db.vector_io import chunks, read_vectors, spilled_vectors, vector_to_db
 from lookalike.progress import say
 
 
 @dataclass
-class ClusterCounts:
+class ClusterCounts(Counts):
     joined: int = 0   # new images placed in an existing cluster
     created: int = 0  # clusters created
     refits: int = 0   # full clusterings of the whole model_ver (the catalog had doubled)
-
-    def add(self, other: ClusterCounts) -> None:
-        self.joined += other.joined
-        self.created += other.created
-        self.refits += other.refits
-
 
 
 def fit_size_key(model_ver: str) -> str:

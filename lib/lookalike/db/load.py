@@ -14,6 +14,7 @@ import numpy as np
 import psycopg
 import pyarrow as pa
 
+from lookalike.counts import Counts
 from lookalike.db.vector_io import vector_to_db
 from lookalike.labels.hierarchy import load as load_hierarchy
 from lookalike.stages import schemas
@@ -79,15 +80,11 @@ ON CONFLICT (path) DO UPDATE SET bytes = EXCLUDED.bytes, mtime = EXCLUDED.mtime,
 
 
 @dataclass
-class LoadCounts:
+class LoadCounts(Counts):
     files: int = 0
     new_images: int = 0
     exact_copies: int = 0  # files whose bytes were already catalogued, or repeated in the batch
     errors: int = 0
-
-    def add(self, other: LoadCounts) -> None:
-        for k in vars(self):
-            setattr(self, k, getattr(self, k) + getattr(other, k))
 
 
 def _copy_stage(cur: psycopg.Cursor, features: pa.Table) -> None:

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from lookalike.config import load_config
+from lookalike.counts import Counts
 from lookalike.db.vector_io import StoredVectors
 from lookalike.index import VectorSearch
 from lookalike.index.hamming import HashIndex
@@ -46,13 +47,9 @@ class NearDupConfig:
 
 
 @dataclass
-class DedupCounts:
+class DedupCounts(Counts):
     pairs: int = 0
     grouped: int = 0  # images whose group is new or changed
-
-    def add(self, other: DedupCounts) -> None:
-        self.pairs += other.pairs
-        self.grouped += other.grouped
 
 
 @dataclass

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import html
 import os
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -230,12 +231,10 @@ def _index_page(r: _Report, clusters: pd.DataFrame, grown: pd.Series, arrivals: 
     if arrivals.empty:
         out.append("<p class=empty>Nothing catalogued yet.</p>")
     else:
-        out.append("<table><thead><tr><th>run</th><th>new images</th><th>bytes</th>"
-                   "<th>the categories most of them joined</th></tr></thead><tbody>")
-        for a in arrivals.itertuples():
-            out.append(f"<tr class=arrival><td>{a.run_id}</td><td>{a.images}</td>"
-                       f"<td>{human_bytes(a.bytes)}</td><td>{_e(a.categories or '')}</td></tr>")
-        out.append("</tbody></table>")
+        out += _table(["run", "new images", "bytes", "the categories most of them joined"],
+                      (f"<tr class=arrival><td>{a.run_id}</td><td>{a.images}</td>"
+                       f"<td>{human_bytes(a.bytes)}</td><td>{_e(a.categories or '')}</td></tr>"
+                       for a in arrivals.itertuples()))
     out.append("</section>")
     out += ["<section id=waste>", "<h2>What duplicates take</h2>",
             f"<p>Exact copies: {int(waste['exact_images'])} images at more than one path, "
@@ -248,15 +247,12 @@ def _index_page(r: _Report, clusters: pd.DataFrame, grown: pd.Series, arrivals: 
     if clusters.empty:
         out.append("<p class=empty>No categories yet: the catalog has no embedded images.</p>")
     else:
-        out.append("<table><thead><tr><th>category</th><th>images</th><th>new in the latest run</th>"
-                   "<th>mean similarity</th></tr></thead><tbody>")
-        for c in clusters.itertuples():
-            out.append(f"<tr class=cluster data-cluster-id='{c.cluster_id}' data-images='{c.images}'>"
+        out += _table(["category", "images", "new in the latest run", "mean similarity"],
+                      (f"<tr class=cluster data-cluster-id='{c.cluster_id}' data-images='{c.images}'>"
                        f"<td><a href='{r.link(f'categories/{c.cluster_id}.html')}'>"
                        f"{_e(display(c.name, c.cluster_id))}</a> <small>#{c.cluster_id}</small></td>"
                        f"<td>{c.images}</td><td>{int(grown.get(c.cluster_id, 0))}</td>"
-                       f"<td>{c.mean_sim:.2f}</td></tr>")
-        out.append("</tbody></table>")
+                       f"<td>{c.mean_sim:.2f}</td></tr>" for c in clusters.itertuples()))
     out.append("</section>")
     return out
 
@@ -361,12 +357,17 @@ def _errors_page(errors: pd.DataFrame, total: int) -> list[str]:
         return [*out, "<p class=empty>None.</p>", "</section>"]
     if len(errors) < total:
         out.append(f"<p>The latest {len(errors)} are listed.</p>")
-    out.append("<table><thead><tr><th>path</th><th>error</th><th>reason</th><th>when</th></tr></thead><tbody>")
-    for e in errors.itertuples():
-        out.append(f"<tr class=error><td class=path>{_e(e.path)}</td><td><code>{_e(e.error)}</code></td>"
-                   f"<td>{_e(e.message)}</td><td class=when>{e.at:%Y-%m-%d %H:%M}</td></tr>")
-    out.append("</tbody></table></section>")
-    return out
+    out += _table(["path", "error", "reason", "when"],
+                  (f"<tr class=error><td class=path>{_e(e.path)}</td><td><code>{_e(e.error)}</code></td>"
+                   f"<td>{_e(e.message)}</td><td class=when>{e.at:%Y-%m-%d %H:%M}</td></tr>"
+                   for e in errors.itertuples()))
+    return [*out, "</section>"]
+
+
+def _table(headers: list[str], rows: Iterable[str]) -> list[str]:
+    """A table's lines: its header row, then `rows` (each a whole <tr>)."""
+    head = "".join(f"<th>{_e(h)}</th>" for h in headers)
+    return [f"<table><thead><tr>{head}</tr></thead><tbody>", *rows, "</tbody></table>"]
 
 
 def _e(text: object) -> str:
