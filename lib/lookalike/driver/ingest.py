@@ -35,7 +35,8 @@ from lookalike.db import load, runs, vector_index
 from lookalike.dedup.indexes import DedupIndexes
 from lookalike.dedup.pairs import DedupCounts, NearDupConfig, NewImages
 from lookalike.dedup.store import dedup
-from lookalike.driver.stages import SparkStages
+from lookalike.driver import local
+from lookalike.driver.stages import SparkStages, local_master_cores
 from lookalike.errors import RETRIED
 from lookalike.failures import Interrupted, signal_name
 from lookalike.files import replacing
@@ -291,6 +292,8 @@ def run(cfg: Config, roots: list[str], retry_errors: bool = False, wait: bool = 
     a run already writing to the catalog instead of raising CatalogBusy."""
     started = time.monotonic()
     roots = preflight.check_roots(roots)
+    if cfg["spark"]["local_files"] and local_master_cores(cfg) is not None:
+        local.start_workers_early()
     with db.writer(cfg, wait, create=True) as (conn, vector_type):
         store_root = runs.catalog_store(conn, cfg)  # a store other than the catalog's: refused here
         with runs.recorded_run(conn, "run", roots) as run_id:

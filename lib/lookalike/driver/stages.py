@@ -48,6 +48,12 @@ def extract_tasks(files: int, total_bytes: int, task_bytes: int, cores: int) -> 
     return max(1, min(files, max(math.ceil(total_bytes / task_bytes), 2 * cores)))
 
 
+def local_master_cores(cfg: Config) -> int | None:
+    """The cores of the run's Spark master when it is local (where small manifests run without
+    Spark), else None."""
+    return local.local_cores(os.environ.get("LOOKALIKE_SPARK_MASTER", cfg["spark"]["master"]))
+
+
 class SparkStages:
     """Scan, extract and embed on Spark; the session starts on first use, which a run whose
     manifests are all small on a local master never makes."""
@@ -81,7 +87,7 @@ class SparkStages:
         """The cores to run a manifest of `files` files on without Spark; None: on Spark."""
         if files > self.cfg["spark"]["local_files"]:
             return None
-        return local.local_cores(os.environ.get("LOOKALIKE_SPARK_MASTER", self.cfg["spark"]["master"]))
+        return local_master_cores(self.cfg)
 
     def walk(self, settings: ScanSettings, subtrees: list[str]) -> pa.Table:
         """Every file under the subtrees, one task a subtree: a million files spread over executors."""
