@@ -27,9 +27,9 @@ from lookalike.files import replacing
 _console = logging.getLogger("lookalike.console")  # the log file's copy (lookalike.logs.CONSOLE)
 
 
-def plural(n: int, noun: str) -> str:
-    """'1 manifest', '3 manifests'."""
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+def plural(n: int, noun: str, nouns: str | None = None) -> str:
+    """'1 manifest', '3 manifests' ('1 category', '3 categories' with nouns="categories")."""
+    return f"{n} {noun}" if n == 1 else f"{n} {nouns or noun + 's'}"
 
 
 def say(message: str) -> None:

@@ -275,11 +275,13 @@ WHERE c.model_ver = {ACTIVE_VER}
 GROUP BY c.id ORDER BY images DESC, c.id LIMIT %s""", (limit,))
 
     def growth(self, runs: int = 1, limit: int | None = 20) -> pd.DataFrame:
-        """The categories that grew most in the latest `runs` runs: `new_images` catalogued by
-        those runs, and `share` of the category they make up (1.0: a category those runs started)."""
+        """The categories that grew most in the latest `runs` runs that brought new images (a
+        rerun that found nothing does not count): `new_images` catalogued by those runs, and
+        `share` of the category they make up (1.0: a category those runs started)."""
         return self.sql(
             f"""
-WITH recent AS (SELECT run_id FROM runs WHERE kind = 'run' ORDER BY run_id DESC LIMIT %(runs)s)
+WITH recent AS (SELECT run_id FROM runs WHERE kind = 'run' AND (summary->>'new_images')::bigint > 0
+                ORDER BY run_id DESC LIMIT %(runs)s)
 SELECT c.id AS cluster_id, c.name, c.size, count(*) AS new_images,
        (count(*)::float8 / greatest(c.size, count(*)))::float8 AS share
 FROM images i JOIN recent USING (run_id)

@@ -32,6 +32,7 @@ from PIL import Image
 
 from lookalike.cluster.names import display
 from lookalike.files import replacing
+from lookalike.progress import plural
 from lookalike.read.catalog import Catalog
 from lookalike.read.text import human_bytes
 
@@ -80,13 +81,13 @@ def write_report(cat: Catalog, out: str | Path, per_cluster: int = 24, max_group
                      "AS paths").iloc[0]
 
     group_pages = [group_ids[i:i + GROUPS_PER_PAGE] for i in range(0, len(group_ids), GROUPS_PER_PAGE)]
-    nav = [("index.html", f"{len(clusters)} categories"),
-           ("groups/1.html", f"{int(waste['near_groups'])} near-duplicate groups"),
-           ("exact.html", f"{int(waste['exact_images'])} images with exact copies"),
-           ("timeline.html", f"{len(months)} months of pictures"),
-           ("errors.html", f"{n_errors} errors")]
+    nav = [("index.html", plural(len(clusters), "category", "categories")),
+           ("groups/1.html", plural(int(waste["near_groups"]), "near-duplicate group")),
+           ("exact.html", f"{plural(int(waste['exact_images']), 'image')} with exact copies"),
+           ("timeline.html", f"{plural(len(months), 'month')} of pictures"),
+           ("errors.html", plural(n_errors, "error"))]
     report.nav = nav
-    report.counts = f"{counts['images']} images · {counts['paths']} paths"
+    report.counts = f"{plural(int(counts['images']), 'image')} · {plural(int(counts['paths']), 'path')}"
 
     ids = clusters["cluster_id"].tolist()
     for k, c in enumerate(clusters.itertuples()):
@@ -247,7 +248,7 @@ def _index_page(r: _Report, clusters: pd.DataFrame, grown: pd.Series, arrivals: 
     if clusters.empty:
         out.append("<p class=empty>No categories yet: the catalog has no embedded images.</p>")
     else:
-        out += _table(["category", "images", "new in the latest run", "mean similarity"],
+        out += _table(["category", "images", "joined in the latest batch", "mean similarity"],
                       (f"<tr class=cluster data-cluster-id='{c.cluster_id}' data-images='{c.images}'>"
                        f"<td><a href='{r.link(f'categories/{c.cluster_id}.html')}'>"
                        f"{_e(display(c.name, c.cluster_id))}</a> <small>#{c.cluster_id}</small></td>"
