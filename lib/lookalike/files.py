@@ -4,6 +4,7 @@ sha256, the identity lookalike checks files by."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 from collections.abc import Iterator
@@ -28,6 +29,11 @@ def replacing(dest: str | os.PathLike, fsync: bool = False) -> Iterator[Path]:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+
+
+# Why link(2) may refuse where a copy still works: another filesystem, a filesystem without hard
+# links, a protected source (fs.protected_hardlinks), too many links to one inode.
+LINK_REFUSED = frozenset({errno.EXDEV, errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK})
 
 
 def sha256_of(path: str | os.PathLike) -> str:

@@ -27,15 +27,11 @@ from pathlib import Path
 from typing import IO, Any
 
 from lookalike.counts import Counts
-from lookalike.files import sha256_of
+from lookalike.files import LINK_REFUSED, sha256_of
 
 MODES = ("hardlink", "copy", "move")
 PARTIAL = ".partial"
 THUMBS = "thumbs"
-
-# Why link(2) may refuse where a copy still works: another filesystem, a filesystem without hard
-# links, a protected source (fs.protected_hardlinks), too many links to one inode.
-_LINK_REFUSED = frozenset({errno.EXDEV, errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK})
 
 # Pillow's format names whose usual extension is not the name in lower case.
 _EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "TIFF": "tif", "HEIF": "heic", "JPEG2000": "jp2"}
@@ -120,7 +116,7 @@ def _publish(tmp: Path, final: Path) -> bool:
     except FileExistsError:
         return False
     except OSError as e:
-        if e.errno not in _LINK_REFUSED:
+        if e.errno not in LINK_REFUSED:
             raise
         if final.exists():
             return False
@@ -190,7 +186,7 @@ class Filing:
                     os.link(self.source, tmp, follow_symlinks=True)  # the file, not a link to it
                     action = "link"
                 except OSError as e:
-                    if e.errno not in _LINK_REFUSED:
+                    if e.errno not in LINK_REFUSED:
                         raise
             if action == "link":
                 now = os.stat(tmp)

@@ -13,7 +13,6 @@ waits, then takes the file the first one made. Every write is atomic (lookalike.
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import logging
 import os
@@ -22,7 +21,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from lookalike.files import replacing, sha256_of
+from lookalike.files import LINK_REFUSED, replacing, sha256_of
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +105,6 @@ def install(source: Path, dest: Path) -> None:
         try:
             os.link(source, tmp)
         except OSError as e:
-            if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+            if e.errno not in LINK_REFUSED:
                 raise
             shutil.copyfile(source, tmp)

@@ -10,17 +10,15 @@ or a local checkpoint.
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    pass
+from lookalike.files import sha256_of
 
 log = logging.getLogger(__name__)
 
@@ -288,11 +286,7 @@ def _weights_digest(path: Path) -> str:
 @functools.lru_cache(maxsize=32)
 def _sha256_prefix(path: str, size: int, mtime_ns: int) -> str:
     # size and mtime are part of the cache key so that a rewritten file is hashed again.
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:8]
+    return sha256_of(path)[:8]
 
 
 def _import_open_clip() -> Any:
