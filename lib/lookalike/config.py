@@ -70,6 +70,10 @@ class Config:
     def dsn(self) -> str:
         return os.environ.get("LOOKALIKE_DSN") or self.values["catalog"]["dsn"]
 
+    @property
+    def spark_master(self) -> str:
+        return os.environ.get("LOOKALIKE_SPARK_MASTER", self.values["spark"]["master"])
+
     def with_home(self, home: str | Path | None) -> Config:
         if home is None:
             return self

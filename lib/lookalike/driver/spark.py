@@ -76,7 +76,7 @@ def get_spark(cfg: Config, app_name: str = "lookalike") -> SparkSession:
     # Executors must run the same interpreter (and so the same venv) as the driver.
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
-    master = os.environ.get("LOOKALIKE_SPARK_MASTER", cfg["spark"]["master"])
+    master = cfg.spark_master
     _default_local_ip(master)
     settings = _settings(cfg, app_name, master)
     _launch_jvm(settings)

@@ -9,7 +9,6 @@ marker is there, so a stage that finished before a run was killed is not run aga
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -51,7 +50,7 @@ def extract_tasks(files: int, total_bytes: int, task_bytes: int, cores: int) -> 
 def local_master_cores(cfg: Config) -> int | None:
     """The cores of the run's Spark master when it is local (where small manifests run without
     Spark), else None."""
-    return local.local_cores(os.environ.get("LOOKALIKE_SPARK_MASTER", cfg["spark"]["master"]))
+    return local.local_cores(cfg.spark_master)
 
 
 class SparkStages:
