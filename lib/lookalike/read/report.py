@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import html
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -67,7 +67,6 @@ def write_report(cat: Catalog, out: str | Path, per_cluster: int = 24, max_group
     max_errors/max_months the other pages."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    report = _Report(cat, out)
     clusters = cat.clusters(limit=None)
     grown = cat.growth(runs=1, limit=None).set_index("cluster_id")["new_images"]
     arrivals = cat.arrivals(by="run", limit=12).iloc[::-1]
@@ -75,10 +74,10 @@ def write_report(cat: Catalog, out: str | Path, per_cluster: int = 24, max_group
     groups = cat.groups(limit=max_groups)
     group_ids = list(dict.fromkeys(groups["group_id"]))
     errors = cat.errors(limit=max_errors)
-    (n_errors,) = cat.conn.execute("SELECT count(*) FROM ingest_errors").fetchone()
     months = cat.timeline("month").sort_values("period", ascending=False)
     counts = cat.sql("SELECT (SELECT count(*) FROM images) AS images, (SELECT count(*) FROM image_paths) "
-                     "AS paths").iloc[0]
+                     "AS paths, (SELECT count(*) FROM ingest_errors) AS errors").iloc[0]
+    n_errors = int(counts["errors"])
 
     group_pages = [group_ids[i:i + GROUPS_PER_PAGE] for i in range(0, len(group_ids), GROUPS_PER_PAGE)]
     nav = [("index.html", plural(len(clusters), "category", "categories")),
@@ -86,8 +85,8 @@ def write_report(cat: Catalog, out: str | Path, per_cluster: int = 24, max_group
            ("exact.html", f"{plural(int(waste['exact_images']), 'image')} with exact copies"),
            ("timeline.html", f"{plural(len(months), 'month')} of pictures"),
            ("errors.html", plural(n_errors, "error"))]
-    report.nav = nav
-    report.counts = f"{plural(int(counts['images']), 'image')} · {plural(int(counts['paths']), 'path')}"
+    report = _Report(cat, out, nav,
+                     f"{plural(int(counts['images']), 'image')} · {plural(int(counts['paths']), 'path')}")
 
     ids = clusters["cluster_id"].tolist()
     for k, c in enumerate(clusters.itertuples()):
@@ -123,26 +122,27 @@ class _Report:
     """Writes the pages (each through a temporary name: a reader never sees half a page), and
     copies thumbnails into DIR/thumbs as they are referenced."""
 
-    def __init__(self, cat: Catalog, out: Path) -> None:
+    def __init__(self, cat: Catalog, out: Path, nav: Sequence[tuple[str, str]] = (),
+                 counts: str = "") -> None:
         self.cat = cat
         self.out = out
+        self.nav = nav  # (page under DIR, its link text) in every page's header
+        self.counts = counts  # the catalog's size, in every page's header
         self.thumbnails = 0  # figures written, over every page
         self.written = 0  # thumbnail files made
         self.missing = 0
         self.pages: list[Path] = []
-        self.nav: list[tuple[str, str]] = []
-        self.counts = ""
         self._depth = 0  # folders between the page being written and DIR
         self._to_make: dict[Path, Path] = {}  # report thumbnail -> the catalog's, to make
         self._page_thumbnails = 0
 
-    def page(self, name: str, title: str, body: object, data: dict[str, object]) -> Path:
+    def page(self, name: str, title: str, body: Callable[[_Report], list[str]],
+             data: dict[str, object]) -> Path:
         """Render `body(self)` (a list of lines) as DIR/name under the common header."""
         self._depth = name.count("/")
         self._page_thumbnails = 0
-        lines = body(self)  # type: ignore[operator]
-        up = "../" * self._depth
-        links = "".join(f"<a href='{_e(up + href)}'>{_e(text)}</a>" for href, text in self.nav)
+        lines = body(self)
+        links = "".join(f"<a href='{_e(self.link(href))}'>{_e(text)}</a>" for href, text in self.nav)
         attributes = " ".join(f"data-{k}='{_e(v)}'" for k, v in {**data,
                               "thumbnails": self._page_thumbnails}.items())
         document = "\n".join([
