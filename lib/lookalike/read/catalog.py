@@ -45,6 +45,14 @@ from lookalike.read import search
 _EMPTY_DTYPES = {"bool": "bool", "int2": "int64", "int4": "int64", "int8": "int64", "float4": "float64",
                  "float8": "float64", "timestamptz": "datetime64[ns, UTC]", "timestamp": "datetime64[ns]"}
 
+# Near-duplicate group members ranked by the keep rule (rank 1: the copy to keep), with their
+# group's size: what groups() pages and wasted_bytes() sums.
+_GROUP_MEMBERS = f"""
+    SELECT g.group_id, g.image_id, i.width, i.height, i.format, i.bytes, i.file_sha256, i.thumb_path,
+           row_number() OVER (PARTITION BY g.group_id ORDER BY {KEEP_ORDER}) AS rank,
+           count(*) OVER (PARTITION BY g.group_id) AS group_size
+    FROM image_dup_group g JOIN images i ON i.id = g.image_id"""
+
 # The default bound of a frame: ~100-250 MB of pandas at most. Page past it with `after`,
 # or read a whole table in batches with Catalog.stream().
 ROWS = 100_000
@@ -221,12 +229,7 @@ class Catalog:
         rank_by = "group_size DESC" if order == "size" else "wasted_bytes DESC"
         return self.sql(
             f"""
-WITH m AS (
-    SELECT g.group_id, g.image_id, i.width, i.height, i.format, i.bytes, i.file_sha256, i.thumb_path,
-           row_number() OVER (PARTITION BY g.group_id ORDER BY {KEEP_ORDER}) AS rank,
-           count(*) OVER (PARTITION BY g.group_id) AS group_size
-    FROM image_dup_group g JOIN images i ON i.id = g.image_id
-), page AS (
+WITH m AS ({_GROUP_MEMBERS}), page AS (
     SELECT group_id, max(group_size) AS group_size,
            (sum(bytes) - sum(bytes) FILTER (WHERE rank = 1))::bigint AS wasted_bytes
     FROM m GROUP BY group_id ORDER BY {rank_by}, group_id LIMIT %(limit)s OFFSET %(offset)s
@@ -258,9 +261,7 @@ FROM (SELECT count(*) AS images, coalesce(sum(p.n - 1), 0)::bigint AS extra_path
       JOIN images i ON i.id = p.image_id) e,
      (SELECT count(DISTINCT group_id) AS groups, count(*) AS images,
              coalesce(sum(bytes) FILTER (WHERE rank > 1), 0)::bigint AS bytes
-      FROM (SELECT g.group_id, i.bytes,
-                   row_number() OVER (PARTITION BY g.group_id ORDER BY {KEEP_ORDER}) AS rank
-            FROM image_dup_group g JOIN images i ON i.id = g.image_id) r) n""")
+      FROM ({_GROUP_MEMBERS}) r) n""")
 
     def clusters(self, limit: int | None = 10_000) -> pd.DataFrame:
         """Clusters of the active model, largest first (the `limit` largest), with their names;
