@@ -90,11 +90,18 @@ def test_fit_streams_batches_and_never_needs_the_full_array(centres: np.ndarray)
             yield blobs(centres, 20 + i, 0.4, seed=100 + i)[0]
 
     n = sum(6 * (20 + i) for i in range(12))
-    cfg = ClusterConfig.defaults(merge_cosine=0.8, batch_size=128, passes=2)
+    # A sample of 5 rows per cluster (430 of 1,836): the rest is streamed through MiniBatchKMeans.
+    cfg = ClusterConfig.defaults(merge_cosine=0.8, batch_size=128, passes=2, init_per_cluster=5)
     fit = fit_clusters(batches, n, cfg)
     assert len(calls) == cfg.passes + 3  # sample, 2 partial_fit passes, Lloyd pass, counting pass
     assert fit.sizes.sum() == n
     assert len(fit.centroids) == 6
+
+    # A collection that fits in one sample is clustered by Lloyd on the sample: no mini-batch passes.
+    calls.clear()
+    whole = fit_clusters(batches, n, ClusterConfig.defaults(merge_cosine=0.8, batch_size=128))
+    assert len(calls) == 3  # sample, Lloyd pass, counting pass
+    assert whole.sizes.sum() == n and len(whole.centroids) == 6
 
 
 def test_merge_joins_near_identical_centroids() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import os
 from collections.abc import Iterator
@@ -34,6 +35,15 @@ def replacing(dest: str | os.PathLike, fsync: bool = False) -> Iterator[Path]:
 # Why link(2) may refuse where a copy still works: another filesystem, a filesystem without hard
 # links, a protected source (fs.protected_hardlinks), too many links to one inode.
 LINK_REFUSED = frozenset({errno.EXDEV, errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK})
+
+
+@contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """Exclusive use of `path` among the processes of this machine (an flock on a file beside it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes, also if the process dies
+        yield
 
 
 def sha256_of(path: str | os.PathLike) -> str:

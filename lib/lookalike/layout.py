@@ -3,9 +3,17 @@ model exports, the near-duplicate indexes, logs and scratch space. Every path un
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+
+
+def machine_cache(kind: str) -> Path:
+    """A cache shared by every home of this user on this machine: $XDG_CACHE_HOME/lookalike/<kind>
+    (default ~/.cache/lookalike/<kind>). Model exports, the embedded PostgreSQL's initdb template."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "lookalike" / kind
 
 
 def file_safe(model_ver: str) -> str:

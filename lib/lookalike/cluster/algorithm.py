@@ -5,7 +5,8 @@ float32 embeddings, so the inner product is the cosine and Euclidean k-means on 
 (approximately) spherical k-means.
 
 Full clustering (`fit_clusters`): spherical Lloyd k-means on a reservoir sample starts
-MiniBatchKMeans, whose partial_fit then runs over the streamed batches; one exact Lloyd pass
+MiniBatchKMeans, whose partial_fit then runs over the streamed batches (a collection that fits
+in the sample gets Lloyd on all of it instead); one exact Lloyd pass
 recomputes each centroid as the mean of its members, centroids closer than `merge_cosine` are
 merged (union-find over a FAISS range search), and a final counting pass gives each cluster its
 exact size under nearest-centroid assignment (so `assign` reproduces `sizes`). Empty clusters
@@ -265,6 +266,47 @@ def merge_centroids(
     return l2_normalize(sums), np.bincount(group, weights=w, minlength=m), group
 
 
+def _kmeans_plusplus(rows: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """k seeds by greedy k-means++ (scikit-learn's variant: 2 + log k candidates a step, the one
+    that most lowers the potential kept). Written here because importing scikit-learn costs ~0.9 s,
+    most of a small run's clustering; it is still needed, and imported, for MiniBatchKMeans."""
+    rng = np.random.default_rng(seed)
+    rows = np.asarray(rows, dtype=np.float32)
+    trials = 2 + int(math.log(k))
+    norms = np.einsum("ij,ij->i", rows, rows)
+
+    def sq_dist(idx: np.ndarray) -> np.ndarray:  # (len(idx), n) squared distances, never below 0
+        return np.maximum(norms[idx, None] + norms[None, :] - 2 * rows[idx] @ rows.T, 0)
+
+    chosen = [int(rng.integers(len(rows)))]
+    closest = sq_dist(np.asarray(chosen))[0]
+    for _ in range(1, k):
+        cum = np.cumsum(closest, dtype=np.float64)
+        if cum[-1] <= 0:  # fewer distinct rows than k: any row not chosen yet
+            chosen.append(int(rng.choice(np.setdiff1d(np.arange(len(rows)), chosen))))
+            continue
+        candidates = np.minimum(np.searchsorted(cum, rng.random(trials) * cum[-1]), len(rows) - 1)
+        potentials = np.minimum(sq_dist(candidates), closest)
+        best = int(np.argmin(potentials.sum(axis=1)))
+        chosen.append(int(candidates[best]))
+        closest = potentials[best]
+    return rows[chosen]
+
+
+def _lloyd(sample: np.ndarray, k: int, cfg: ClusterConfig, niter: int = 10) -> np.ndarray:
+    """k centroids of the sample: spherical Lloyd (FAISS) from k-means++ seeds."""
+    lloyd = faiss.Kmeans(
+        sample.shape[1], k, niter=niter, seed=cfg.seed, spherical=True,
+        min_points_per_centroid=1, max_points_per_centroid=len(sample),
+    )  # fmt: skip
+    # k-means++ on a 3k subsample: spread-out seeds at a fraction of k-means++'s cost on all of it.
+    sub = sample[np.random.default_rng(cfg.seed).permutation(len(sample))[: 3 * k]]
+    with threadpool_limits(1, user_api="blas"):  # tiny products: BLAS threads only add overhead
+        seeds = _kmeans_plusplus(sub, k, cfg.seed)
+    lloyd.train(np.ascontiguousarray(sample, dtype=np.float32), init_centroids=seeds)
+    return lloyd.centroids
+
+
 def _warm_kmeans(sample: np.ndarray, k: int, cfg: ClusterConfig) -> MiniBatchKMeans:
     """MiniBatchKMeans started from spherical Lloyd (FAISS) on the sample, its counts warmed on it.
 
@@ -277,20 +319,13 @@ def _warm_kmeans(sample: np.ndarray, k: int, cfg: ClusterConfig) -> MiniBatchKMe
     centroids into means at once; one partial_fit step over the sample then gives each centroid
     a weight of about `init_per_cluster`, so later batches refine it instead of replacing it.
     """
-    # Imported here: sklearn takes ~1.4 s to import, and most runs only assign to clusters.
-    from sklearn.cluster import MiniBatchKMeans, kmeans_plusplus
+    # Imported here: sklearn takes ~0.9 s to import, and only a collection larger than one
+    # sample needs it.
+    from sklearn.cluster import MiniBatchKMeans
 
-    lloyd = faiss.Kmeans(
-        sample.shape[1], k, niter=10, seed=cfg.seed, spherical=True,
-        min_points_per_centroid=1, max_points_per_centroid=len(sample),
-    )  # fmt: skip
-    # k-means++ on a 3k subsample: spread-out seeds at a fraction of k-means++'s cost on all of it.
-    sub = sample[np.random.default_rng(cfg.seed).permutation(len(sample))[: 3 * k]]
-    with threadpool_limits(1, user_api="blas"):  # tiny products: BLAS threads only add overhead
-        seeds = kmeans_plusplus(sub.astype(np.float64), k, random_state=cfg.seed)[0]
-    lloyd.train(sample, init_centroids=seeds.astype(np.float32))
     km = MiniBatchKMeans(
-        n_clusters=k, init=lloyd.centroids, n_init=1, batch_size=cfg.batch_size, compute_labels=False,
+        n_clusters=k, init=_lloyd(sample, k, cfg), n_init=1, batch_size=cfg.batch_size,
+        compute_labels=False,
         # Reassigning starved centroids moves them onto single vectors: the collapse above.
         reassignment_ratio=0.0, random_state=cfg.seed,
     )  # fmt: skip
@@ -324,15 +359,21 @@ def fit_clusters(batches: Callable[[], Iterable[np.ndarray]], n: int, cfg: Clust
     if not len(sample):
         raise ValueError("fit_clusters: the batches yielded no vectors")
     k = min(k, len(sample))
-    km = _warm_kmeans(sample, k, cfg)
+    if len(sample) == n:
+        # The whole collection is the sample: Lloyd on all of it is what the mini-batches
+        # approximate (and needs no scikit-learn import: a small run's clustering).
+        fitted = _lloyd(sample, k, cfg, niter=20)
+    else:
+        km = _warm_kmeans(sample, k, cfg)
+        for _ in range(cfg.passes):
+            for chunk in _chunks(batches(), cfg.batch_size):
+                # Shuffle within the step: stream order is often by folder/date.
+                km.partial_fit(chunk[rng.permutation(len(chunk))])
+        fitted = km.cluster_centers_
     del sample
-    for _ in range(cfg.passes):
-        for chunk in _chunks(batches(), cfg.batch_size):
-            # Shuffle within the step: stream order is often by folder/date.
-            km.partial_fit(chunk[rng.permutation(len(chunk))])
 
     # One exact Lloyd step: centroids become their members' means, empty clusters drop out.
-    sums, counts = _member_stats(batches(), l2_normalize(km.cluster_centers_), cfg.batch_size)
+    sums, counts = _member_stats(batches(), l2_normalize(fitted), cfg.batch_size)
     live = counts > 0
     means = sums[live] / counts[live, None]
     # Merging un-normalised means weighted by counts is the exact mean of the merged members.
@@ -347,7 +388,7 @@ def fit_clusters(batches: Callable[[], Iterable[np.ndarray]], n: int, cfg: Clust
 def _seed(vecs: np.ndarray, cfg: ClusterConfig) -> tuple[np.ndarray, np.ndarray]:
     """Seed centroids (normalised) and their sizes: `vecs` clustered as a full fit of them would be."""
     k = min(derive_k(len(vecs), cfg), len(vecs))
-    seeds = l2_normalize(_warm_kmeans(vecs, k, cfg).cluster_centers_)
+    seeds = l2_normalize(_lloyd(vecs, k, cfg, niter=20))
     used = np.bincount(assign(seeds, vecs)[0], minlength=k)
     return seeds[used > 0], used[used > 0]
 

@@ -13,22 +13,20 @@ waits, then takes the file the first one made. Every write is atomic (lookalike.
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import shutil
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
-from lookalike.files import LINK_REFUSED, replacing, sha256_of
+from lookalike.files import LINK_REFUSED, locked, replacing, sha256_of
+from lookalike.layout import machine_cache
 
 log = logging.getLogger(__name__)
 
 def shared_dir() -> Path:
     """The cache folder shared by every home of this user on this machine."""
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "lookalike" / "models"
+    return machine_cache("models")
 
 
 def _sidecar(path: Path) -> Path:
@@ -59,15 +57,6 @@ def sealed_copy(path: Path, cached: Path, note: str) -> bool:
         return _seal(cached)[1:2] == [note] and os.path.samefile(path, cached)
     except OSError:
         return False
-
-
-@contextmanager
-def locked(path: Path) -> Iterator[None]:
-    """Exclusive use of `path` among the processes of this machine (an flock on a file beside it)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes, also if the process dies
-        yield
 
 
 def provide(cached: Path, make: Callable[[Path], None], usable: Callable[[Path], bool],
