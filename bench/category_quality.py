@@ -8,8 +8,9 @@ the original JPEGs; the embed stage feeds 512-px thumbnails), cached under /tmp/
 3. category names: share of images under a right-level name, i.e. a name that is their own class or an
    ancestor no higher than their categories.csv coarse category (only the coarse categories that are
    WordNet nodes; 'mixed' counts as wrong). Groups: (a) the TRUE coarse categories, standing in for
-   clusters (the integration with the real clustering comes later), (b) k-means (k=30) over the
-   embeddings. Swept over min_share, votes from top-1 labels and from full probabilities;
+   clusters, (b) plain k-means (k=30) over the embeddings, swept over min_share, votes from top-1
+   labels and from full probabilities; (c) lookalike's own clustering (lookalike.cluster.space's
+   embeddings joined with labels, then cluster.algorithm), at several label weights and seeds;
 4. `find WORD` precision / recall / F1 for each coarse category whose name is a WordNet node;
 5. the classifier head's cost: torch CPU forward, batch 32, features only vs features + head (+ softmax).
 
@@ -33,13 +34,15 @@ import importlib.util
 import sys
 import time
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from sklearn.cluster import KMeans
 
-from lookalike.cluster.algorithm import ClusterConfig, assign, fit_clusters
+from lookalike.cluster import space
+from lookalike.cluster.algorithm import ClusterConfig, assign, assign_incremental, fit_clusters
 from lookalike.labels import hierarchy as hi
 from lookalike.labels.classifier import classifier_head, features_and_logits, logits_from_features
 from lookalike.models.registry import resolve_model
@@ -193,16 +196,51 @@ def main() -> None:
         name, _ = hi.name_category(pred[g])
         good = sum(right_level(hi.category_node(pred[g])[0], int(i)) for i in g)
         print(f"     {c:22s} {len(g):3d} -> {name[:60]:60s} {good if senses[c] else '-':>3}")
-    # The product's own clustering (cluster.algorithm with conf/lookalike.toml's values), its
-    # categories named from the members' stored top-5, as a run names them.
-    fit = fit_clusters(lambda: [emb], len(emb), ClusterConfig.defaults())
-    product = assign(fit.centroids, emb)[0]
-    product_groups = [np.flatnonzero(product == g) for g in range(len(fit.centroids))]
-    product_purity = sum(np.unique(np.array(coarse)[g], return_counts=True)[1].max()
-                         for g in product_groups if len(g)) / len(rows)
-    print(f"   lookalike's clustering: {len(product_groups)} categories, purity {product_purity:.3f}; "
-          f"right-level names (top5 votes, default share): "
-          f"{score(product_groups, hi.DEFAULT_MIN_SHARE, 'top5'):.3f}")
+    # The product's own clustering (cluster.algorithm with conf/lookalike.toml's values, on what
+    # cluster.space joins: the embeddings and the stored top-5 labels), its categories named from
+    # the members' stored top-5, as a run names them; beside it, the embeddings alone
+    # (label_weight 0) and other label weights, each over several k-means seeds (the product's is 0).
+    cfg = ClusterConfig.defaults()
+
+    def product_clustering(label_weight: float, seed: int) -> tuple[int, float, float]:
+        vecs = space.joined(feats, top_idx, top_p, label_weight)
+        fit = fit_clusters(lambda: [vecs], len(vecs), replace(cfg, label_weight=label_weight, seed=seed))
+        lab = assign(fit.centroids, vecs)[0]
+        groups = [np.flatnonzero(lab == g) for g in range(len(fit.centroids))]
+        purity = sum(np.unique(np.array(coarse)[g], return_counts=True)[1].max()
+                     for g in groups if len(g)) / len(rows)
+        return len(groups), purity, score(groups, hi.DEFAULT_MIN_SHARE, "top5")
+
+    print(f"   lookalike's clustering (top5 votes, default share), seeds 0-{args.seeds * 2 - 1}:")
+    for weight in sorted({0.0, 0.5, cfg.label_weight, 0.9}):
+        runs = np.array([product_clustering(weight, seed) for seed in range(args.seeds * 2)])
+        mark = "  <- default" if weight == cfg.label_weight else ""
+        print(f"     label_weight {weight:4.2f}: {runs[:, 0].mean():4.0f} categories, purity "
+              f"{runs[:, 1].mean():.3f}; right-level names {runs[0, 2]:.3f} at seed 0, mean "
+              f"{runs[:, 2].mean():.3f} (min {runs[:, 2].min():.3f}, max {runs[:, 2].max():.3f}){mark}")
+    # Between full fits, a run's new images join categories or start their own (join_cosine):
+    # the first 100 images fitted, the other 400 arriving in 4 runs, no refit.
+    def arrivals(join_cosine: float, seed: int) -> tuple[int, float]:
+        vecs = space.joined(feats, top_idx, top_p, cfg.label_weight)
+        order = np.random.default_rng(seed).permutation(len(vecs))
+        c = replace(cfg, join_cosine=join_cosine, seed=seed)
+        fit = fit_clusters(lambda: [vecs[order[:100]]], 100, c)
+        centroids, sizes = fit.centroids, fit.sizes
+        lab = np.full(len(vecs), -1)
+        lab[order[:100]] = assign(centroids, vecs[order[:100]])[0]
+        for part in np.array_split(order[100:], 4):
+            step = assign_incremental(centroids, sizes, vecs[part], c)
+            centroids, sizes, lab[part] = step.centroids, step.sizes, step.cluster
+        return len(centroids), score([np.flatnonzero(lab == g) for g in range(len(centroids))],
+                                     hi.DEFAULT_MIN_SHARE, "top5")
+
+    print(f"   arrivals (100 fitted, then 4 runs of 100 joining or starting categories), label_weight "
+          f"{cfg.label_weight:g}, seeds 0-{args.seeds - 1}:")
+    for join in sorted({0.4, cfg.join_cosine, 0.7}):
+        runs = np.array([arrivals(join, seed) for seed in range(args.seeds)])
+        mark = "  <- default" if join == cfg.join_cosine else ""
+        print(f"     join_cosine {join:.2f}: {runs[:, 0].mean():4.0f} categories; right-level names "
+              f"{runs[:, 1].mean():.3f} (min {runs[:, 1].min():.3f}){mark}")
     names = defaultdict(int)
     for g in km_groups[0]:
         names[hi.name_category(pred[g])[0]] += 1

@@ -36,6 +36,8 @@ from sklearn.cluster import AgglomerativeClustering, MiniBatchKMeans
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
+from cluster_scale import EMBEDDINGS_ALONE, Synthetic
+
 from lookalike.cluster.algorithm import (
     ClusterConfig,
     assign,
@@ -231,8 +233,6 @@ def subset_stability(x: np.ndarray, clusters: int, seeds: list[int]) -> tuple[fl
 
 def structured(n: int = 20_000, centres: int = 60) -> tuple[np.ndarray, np.ndarray]:
     """Embeddings with real cluster structure (bench/cluster_scale.py's generator)."""
-    from cluster_scale import Synthetic
-
     return Synthetic.make(centres, 512, seed=1).chunk(0, n)
 
 
@@ -289,7 +289,7 @@ def main() -> None:
     truth = np.array([r["category"] for r in meta])
     sx, struth = structured()
     seeds = list(range(2 if args.quick else 5))
-    cfg = ClusterConfig.defaults()
+    cfg = ClusterConfig.defaults(**EMBEDDINGS_ALONE)  # embeddings without labels
     t = time.perf_counter()
     print(cfg)
     compare(x, truth, cfg, seeds)

@@ -9,7 +9,7 @@ import pytest
 from lookalike import Catalog, db
 from lookalike.cluster.algorithm import ClusterConfig
 from lookalike.cluster.names import name_by_analyst, name_new_members
-from lookalike.cluster.store import assign_new, inherited_ids
+from lookalike.cluster.store import assign_new, inherited_ids, space_key
 from lookalike.config import Config
 from lookalike.db.vector_io import vector_to_db
 from lookalike.labels.hierarchy import UnknownWordError
@@ -99,7 +99,10 @@ def test_categories_are_named_by_their_labels_and_analysts_names_stay(cfg: Confi
     centres = rng.standard_normal((3, DIM))
     kinds = [["golden retriever", "pug", "Siberian husky"], ["goldfish"],
              ["sports car", "school bus", "pickup"]]
-    config = ClusterConfig.defaults(refit_growth=2.0)
+    # Categories from the embeddings alone, one per blob: this test is about their names (with
+    # labels in the clustering, identical-looking retrievers and pugs would be two categories;
+    # test_categories_follow_the_labels_where_the_embeddings_look_alike is about that).
+    config = ClusterConfig.defaults(refit_growth=2.0, label_weight=0.0)
     scratch = Layout(cfg.home).scratch
     with db.connect(cfg) as conn:
         vector_type = db.ensure_schema(conn)
@@ -144,3 +147,43 @@ def test_categories_are_named_by_their_labels_and_analysts_names_stay(cfg: Confi
 
 def names_of(cat: Catalog, name: str) -> int:
     return int(cat.sql("SELECT id FROM clusters WHERE name = %s", (name,))["id"][0])
+
+
+def test_categories_follow_the_labels_where_the_embeddings_look_alike(cfg: Config) -> None:
+    """Forty pictures that look alike (one tight blob of embeddings), twenty labelled dogs and twenty
+    vehicles: on the embeddings alone they share categories; once labels count (the default), no
+    category mixes them, and a catalog clustered the old way is clustered again at its next run."""
+    rng = np.random.default_rng(5)
+    kinds = [["golden retriever", "pug", "Siberian husky", "beagle"],
+             ["sports car", "school bus", "pickup", "fire engine"]]
+    scratch = Layout(cfg.home).scratch
+    with db.connect(cfg) as conn:
+        vector_type = db.ensure_schema(conn)
+        vecs, _ = blobs(rng, rng.standard_normal((1, DIM)), 40)
+        which = np.repeat([0, 1], 20)
+        ids = add_images(conn, 1, vecs, vector_type)
+        add_labels(conn, ids, which, kinds)
+
+        def mixed() -> int:
+            of = categories(conn)
+            kinds_in: dict[int, set[int]] = {}
+            for i, w in zip(ids.tolist(), which.tolist(), strict=True):
+                kinds_in.setdefault(of[i], set()).add(w)
+            return sum(len(k) > 1 for k in kinds_in.values())
+
+        embeddings_alone = ClusterConfig.defaults(label_weight=0.0)
+        with conn.transaction(), conn.cursor() as cur:
+            assign_new(cur, MODEL, ids, vecs, embeddings_alone, vector_type, scratch)
+        assert mixed() >= 1
+        assert db.get_meta(conn, space_key(MODEL)) == "embedding"
+
+        default = ClusterConfig.defaults()
+        assert default.label_weight > 0
+        one_more = add_images(conn, 41, vecs[:1], vector_type)
+        add_labels(conn, one_more, which[:1], kinds)
+        with conn.transaction(), conn.cursor() as cur:
+            counts = assign_new(cur, MODEL, one_more, vecs[:1], default, vector_type, scratch)
+        assert counts.refits == 1, "centroids of another space must not take new images"
+        assert db.get_meta(conn, space_key(MODEL)) == f"embedding+labels:{default.label_weight:g}"
+        assert mixed() == 0
+        assert categories(conn)[int(one_more[0])] == categories(conn)[int(ids[0])]  # a dog among dogs

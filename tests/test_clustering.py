@@ -204,3 +204,29 @@ def test_cluster_mapping_counts() -> None:
     assert list(m["old_cluster"]) == [0, 0, 1, 2, 2] and list(m["overlap"]) == [2, 1, 2, 3, 1]
     with pytest.raises(ValueError):
         cluster_mapping(old, new[:-1])
+
+
+def test_the_joined_space_weighs_labels_by_the_hierarchy() -> None:
+    from lookalike.cluster import space
+    from lookalike.labels.hierarchy import load
+
+    names = list(load().names)
+
+    def labelled(*labels: str) -> tuple[np.ndarray, np.ndarray]:
+        return np.array([[names.index(label), -1] for label in labels]), np.array([[0.9, 0.0]] * len(labels))
+
+    beagle, pug, cat, bus = space.label_vectors(*labelled("beagle", "pug", "tabby", "school bus"))
+    assert beagle @ pug > beagle @ cat > beagle @ bus >= 0  # two dogs, then two carnivores, then apart
+    assert not space.label_vectors(np.array([[-1, -1]]), np.zeros((1, 2))).any()  # no labels: no part
+
+    rng = np.random.default_rng(0)
+    emb = unit(rng.standard_normal((4, DIM)))
+    classes, scores = labelled("beagle", "pug", "tabby", "school bus")
+    for w in (0.0, 0.3, 0.75):
+        joined = space.joined(emb, classes, scores, w)
+        assert np.allclose(np.linalg.norm(joined, axis=1), 1, atol=1e-5)
+        labels = space.label_vectors(classes, scores)
+        # The joined cosine is the weighted sum of the two parts' cosines.
+        expected = (1 - w) * emb @ emb.T + w * labels @ labels.T
+        np.testing.assert_allclose(joined @ joined.T, expected, atol=1e-5)
+    assert space.joined(emb, classes, scores, 0.0).shape == emb.shape

@@ -43,6 +43,7 @@ _RANGES: dict[str, tuple[float | None, float | None]] = {
     "cluster.k": (0, None),
     "cluster.merge_cosine": (-1.0, 1.0),
     "cluster.join_cosine": (-1.0, 1.0),
+    "cluster.label_weight": (0.0, 1.0),
     "cluster.refit_growth": (0.0, None),
 }
 _CHOICES: dict[str, tuple[str, ...]] = {

@@ -64,6 +64,7 @@ class ClusterConfig:
     merge_cosine: float  # centroids (and merged groups) at least this close become one cluster
     join_cosine: float  # a new image joins its nearest cluster at this cosine or above
     refit_growth: float  # should_refit once the collection has grown this much since the fit
+    label_weight: float  # labels' share of the clustered likeness (lookalike.cluster.space)
     k_per_sqrt_n: float = 2.0  # derived k = k_per_sqrt_n * sqrt(n), clipped to [1, k_max]
     k_max: int = 4096  # bounds the fit time of very large archives
     init_per_cluster: int = 40  # sample rows per cluster for the Lloyd initialisation
@@ -76,7 +77,8 @@ class ClusterConfig:
         """From a config's [cluster] section: k = 0 derives k, refit_growth = 0 never refits."""
         values = {"k": section["k"] or None, "merge_cosine": section["merge_cosine"],
                   "join_cosine": section["join_cosine"],
-                  "refit_growth": section["refit_growth"] or float("inf")}
+                  "refit_growth": section["refit_growth"] or float("inf"),
+                  "label_weight": section["label_weight"]}
         return cls(**{**values, **overrides})
 
     @classmethod

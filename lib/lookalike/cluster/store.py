@@ -17,6 +17,7 @@ import pandas as pd
 import psycopg
 
 from lookalike import db
+from lookalike.cluster import space
 from lookalike.cluster.algorithm import (
     ClusterConfig,
     assign,
@@ -27,6 +28,7 @@ from lookalike.cluster.algorithm import (
 )
 from lookalike.counts import Counts
 from lookalike.db.vector_io import chunks, read_vectors, spilled_vectors, vector_to_db
+from lookalike.labels.hierarchy import TOP_LABELS
 from lookalike.progress import say
 
 
@@ -40,6 +42,41 @@ class ClusterCounts(Counts):
 def fit_size_key(model_ver: str) -> str:
     """catalog_meta key: how many vectors of model_ver its clusters were last fitted on."""
     return f"cluster_fit_images:{model_ver}"
+
+
+def space_key(model_ver: str) -> str:
+    """catalog_meta key: the space model_ver's centroids are in (cluster.space.space_name); a
+    catalog clustered before labels joined it has none: its embeddings alone."""
+    return f"cluster_space:{model_ver}"
+
+
+def _labels(cur: psycopg.Cursor, model_ver: str, image_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(class ids, scores), each (len(image_ids), 5), of these images' top labels; -1 where an
+    image has fewer (none: a catalog labelled before its model had labels)."""
+    classes = np.full((len(image_ids), TOP_LABELS), -1, np.int64)
+    scores = np.zeros((len(image_ids), TOP_LABELS), np.float32)
+    row_of = {int(i): r for r, i in enumerate(image_ids)}
+    few = len(image_ids) <= 10_000  # a run's batch; a full clustering reads the model's every label
+    query = psycopg.ClientCursor(cur.connection).mogrify(
+        "SELECT image_id, rank, class_id, score FROM image_labels WHERE model_ver = %s"
+        + (" AND image_id = ANY(%s)" if few else ""),
+        (model_ver, [int(i) for i in image_ids]) if few else (model_ver,))
+    with cur.copy(f"COPY ({query}) TO STDOUT (FORMAT BINARY)") as copy:
+        copy.set_types(["int8", "int2", "int2", "float4"])
+        for image_id, rank, class_id, score in copy.rows():
+            row = row_of.get(image_id)
+            if row is not None and 1 <= rank <= TOP_LABELS:
+                classes[row, rank - 1] = class_id
+                scores[row, rank - 1] = score
+    return classes, scores
+
+
+def category_vectors(cur: psycopg.Cursor, model_ver: str, image_ids: np.ndarray, vecs: np.ndarray,
+                     cfg: ClusterConfig) -> np.ndarray:
+    """What these images are clustered on: their embeddings joined with their labels."""
+    if cfg.label_weight <= 0:
+        return space.joined(vecs, np.empty((len(vecs), 0)), np.empty((len(vecs), 0)), 0)
+    return space.joined(vecs, *_labels(cur, model_ver, image_ids), cfg.label_weight)
 
 
 def _existing(cur: psycopg.Cursor, model_ver: str, vector_type: str) -> tuple[np.ndarray, np.ndarray,
@@ -128,6 +165,7 @@ def fit_and_write(cur: psycopg.Cursor, model_ver: str, ids: np.ndarray,
     cluster_ids = _store_clusters(cur, model_ver, result.centroids, result.sizes, vector_type, keep)
     _write_members(cur, model_ver, ids, cluster_ids[label], np.concatenate(sims))
     db.set_meta(cur.connection, fit_size_key(model_ver), str(n))  # should_refit measures growth from here
+    db.set_meta(cur.connection, space_key(model_ver), space.space_name(cfg.label_weight))
     return ClusterCounts(joined=0, created=len(cluster_ids) - len(keep))
 
 
@@ -144,7 +182,17 @@ def cluster_all(cur: psycopg.Cursor, model_ver: str, cfg: ClusterConfig, vector_
     counts = ClusterCounts()
     with spilled_vectors(cur.connection, model_ver, vector_type, scratch) as (ids, vectors):
         if len(ids):
-            counts = fit_and_write(cur, model_ver, ids, lambda: chunks(vectors), len(ids), cfg, vector_type,
+            classes, scores = (_labels(cur, model_ver, ids) if cfg.label_weight > 0
+                               else (np.full((len(ids), 0), -1), np.zeros((len(ids), 0))))
+
+            def batches() -> Iterable[np.ndarray]:  # joined chunk by chunk: never all in memory
+                done = 0
+                for chunk in chunks(vectors):
+                    rows = slice(done, done + len(chunk))
+                    done += len(chunk)
+                    yield space.joined(chunk, classes[rows], scores[rows], cfg.label_weight)
+
+            counts = fit_and_write(cur, model_ver, ids, batches, len(ids), cfg, vector_type,
                                    before if previous_ver == model_ver else None)
         else:
             cur.execute("DELETE FROM clusters WHERE model_ver = %s", (model_ver,))
@@ -189,11 +237,17 @@ def assign_new(cur: psycopg.Cursor, model_ver: str, image_ids: np.ndarray, vecs:
     if len(image_ids) == 0:
         return ClusterCounts()
     cluster_ids, centroids, sizes = _existing(cur, model_ver, vector_type)
+    vecs = category_vectors(cur, model_ver, image_ids, vecs, cfg)
     if len(cluster_ids) == 0:
         return fit_and_write(cur, model_ver, image_ids, lambda: [vecs], len(vecs), cfg, vector_type)
     fitted_on = int(db.get_meta(cur.connection, fit_size_key(model_ver)) or 0)
     n_now = cur.execute("SELECT count(*) FROM image_embeddings WHERE model_ver = %s",
                         (model_ver,)).fetchone()[0]
+    was = db.get_meta(cur.connection, space_key(model_ver)) or space.space_name(0)
+    if was != space.space_name(cfg.label_weight):
+        say(f"clusters: categories were made of {was}, the configuration now says "
+            f"{space.space_name(cfg.label_weight)}: clustering all {n_now} {model_ver} vectors again")
+        return refit(cur, model_ver, cfg, vector_type, scratch)
     if should_refit(fitted_on, n_now, cfg):
         say(f"clusters: the catalog grew from {fitted_on} to {n_now} {model_ver} vectors since its last "
             "clustering: clustering them all again")

@@ -113,7 +113,7 @@ CREATE TABLE IF NOT EXISTS clusters (
     id         BIGSERIAL PRIMARY KEY,
     model_ver  TEXT NOT NULL,
     size       INTEGER NOT NULL DEFAULT 0,
-    centroid   {vector} NOT NULL,
+    centroid   {vector} NOT NULL,             -- in the space categories are clustered on (lookalike.cluster.space)
     created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
     updated_at TIMESTAMPTZ NOT NULL DEFAULT now(),
     name        TEXT,                          -- what the category shows: its members' labels, or an analyst's

@@ -26,6 +26,7 @@ from typing import NamedTuple
 import numpy as np
 
 NUM_CLASSES = 1000
+TOP_LABELS = 5  # labels kept per image and model (image_labels' ranks)
 # bench/category_quality.py, imagenet-dev, real model, true coarse categories as clusters: right-level names
 # 0.910 / 0.920 / 0.929 (votes from top-1 / stored top-5 / all probabilities) at 0.6; 0.55 drops top-1 votes
 # to 0.866 (two halves of a category outvote its parent), 0.8 drops top-5 votes to 0.679 (stray labels keep
@@ -123,7 +124,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return z
 
 
-def top_k(probs: np.ndarray, k: int = 5) -> tuple[np.ndarray, np.ndarray]:
+def top_k(probs: np.ndarray, k: int = TOP_LABELS) -> tuple[np.ndarray, np.ndarray]:
     """(indices, probabilities), each (n, k), most probable first, of (n, 1000) class probabilities."""
     p = np.atleast_2d(np.asarray(probs, dtype=np.float32))
     k = min(k, p.shape[1])
@@ -133,7 +134,7 @@ def top_k(probs: np.ndarray, k: int = 5) -> tuple[np.ndarray, np.ndarray]:
     return idx, np.take_along_axis(p, idx, axis=1)
 
 
-def top_labels(probs: np.ndarray, k: int = 5) -> list[list[Label]]:
+def top_labels(probs: np.ndarray, k: int = TOP_LABELS) -> list[list[Label]]:
     """The k most probable labels of each row of (n, 1000) (or one (1000,)) class probabilities."""
     names = load().names
     idx, p = top_k(probs, k)

@@ -30,7 +30,7 @@ from PIL import Image
 
 from lookalike.errors import one_line
 from lookalike.files import replacing
-from lookalike.labels.hierarchy import softmax, top_k
+from lookalike.labels.hierarchy import TOP_LABELS, softmax, top_k
 from lookalike.layout import file_safe
 from lookalike.models import export_cache
 from lookalike.models.preprocess import preprocess_image, write_image
@@ -54,7 +54,6 @@ log = logging.getLogger(__name__)
 _AUTO_BACKEND = {"effnet": "onnx", "open_clip": "onnx"}
 _ONNX_ATOL = 1e-4  # max abs difference to torch on L2-normalised outputs, checked at export
 
-TOP_LABELS = 5  # labels kept per image
 # CLIP zero-shot: the prompt of CLIP's own ImageNet evaluation, and its logit scale (the trained
 # temperature, clamped at 100): probabilities are softmax(100 * cosine) over the 1000 classes.
 ZERO_SHOT_PROMPT = "a photo of a {}"
