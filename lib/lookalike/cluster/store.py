@@ -50,11 +50,16 @@ def space_key(model_ver: str) -> str:
     return f"cluster_space:{model_ver}"
 
 
-def _labels(cur: psycopg.Cursor, model_ver: str, image_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _labels(cur: psycopg.Cursor, model_ver: str, image_ids: np.ndarray,
+            cfg: ClusterConfig) -> tuple[np.ndarray, np.ndarray]:
     """(class ids, scores), each (len(image_ids), 5), of these images' top labels; -1 where an
-    image has fewer (none: a catalog labelled before its model had labels)."""
-    classes = np.full((len(image_ids), TOP_LABELS), -1, np.int64)
-    scores = np.zeros((len(image_ids), TOP_LABELS), np.float32)
+    image has fewer (none: a catalog labelled before its model had labels). Not read, (n, 0),
+    when labels do not count (label_weight 0)."""
+    kept = TOP_LABELS if cfg.label_weight > 0 else 0
+    classes = np.full((len(image_ids), kept), -1, np.int64)
+    scores = np.zeros((len(image_ids), kept), np.float32)
+    if not kept:
+        return classes, scores
     row_of = {int(i): r for r, i in enumerate(image_ids)}
     few = len(image_ids) <= 10_000  # a run's batch; a full clustering reads the model's every label
     query = psycopg.ClientCursor(cur.connection).mogrify(
@@ -74,9 +79,7 @@ def _labels(cur: psycopg.Cursor, model_ver: str, image_ids: np.ndarray) -> tuple
 def category_vectors(cur: psycopg.Cursor, model_ver: str, image_ids: np.ndarray, vecs: np.ndarray,
                      cfg: ClusterConfig) -> np.ndarray:
     """What these images are clustered on: their embeddings joined with their labels."""
-    if cfg.label_weight <= 0:
-        return space.joined(vecs, np.empty((len(vecs), 0)), np.empty((len(vecs), 0)), 0)
-    return space.joined(vecs, *_labels(cur, model_ver, image_ids), cfg.label_weight)
+    return space.joined(vecs, *_labels(cur, model_ver, image_ids, cfg), cfg.label_weight)
 
 
 def _existing(cur: psycopg.Cursor, model_ver: str, vector_type: str) -> tuple[np.ndarray, np.ndarray,
@@ -182,8 +185,7 @@ def cluster_all(cur: psycopg.Cursor, model_ver: str, cfg: ClusterConfig, vector_
     counts = ClusterCounts()
     with spilled_vectors(cur.connection, model_ver, vector_type, scratch) as (ids, vectors):
         if len(ids):
-            classes, scores = (_labels(cur, model_ver, ids) if cfg.label_weight > 0
-                               else (np.full((len(ids), 0), -1), np.zeros((len(ids), 0))))
+            classes, scores = _labels(cur, model_ver, ids, cfg)
 
             def batches() -> Iterable[np.ndarray]:  # joined chunk by chunk: never all in memory
                 done = 0
