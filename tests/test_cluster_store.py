@@ -9,6 +9,7 @@ import pytest
 from lookalike import Catalog, db
 from lookalike.cluster.algorithm import ClusterConfig
 from lookalike.cluster.names import name_by_analyst, name_new_members
+from lookalike.cluster.space import space_name
 from lookalike.cluster.store import assign_new, inherited_ids, space_key
 from lookalike.config import Config
 from lookalike.db.vector_io import vector_to_db
@@ -184,6 +185,6 @@ def test_categories_follow_the_labels_where_the_embeddings_look_alike(cfg: Confi
         with conn.transaction(), conn.cursor() as cur:
             counts = assign_new(cur, MODEL, one_more, vecs[:1], default, vector_type, scratch)
         assert counts.refits == 1, "centroids of another space must not take new images"
-        assert db.get_meta(conn, space_key(MODEL)) == f"embedding+labels:{default.label_weight:g}"
+        assert db.get_meta(conn, space_key(MODEL)) == space_name(default.label_weight) != "embedding"
         assert mixed() == 0
         assert categories(conn)[int(one_more[0])] == categories(conn)[int(ids[0])]  # a dog among dogs

@@ -3,14 +3,15 @@ WordNet hierarchy.
 
 Embeddings alone group what looks alike: on imagenet-dev (one photo per ImageNet class) a category
 of them mixes dogs, snakes and shop fronts that share colours or a layout, and only 0.20 of the
-images end up under a name at the right level ("dog" for a dog, not "mixed" or "animal"; #19).
+images end up under a name at the right level ("dog" for a dog, not "mixed" or "animal"; 0.16,
+#19).
 Every image also has its top-5 labels, from the classifier head of the same forward pass. Their
 probabilities spread over each label's ancestors give a vector on which two dog breeds are close
 (they share dog, canine, carnivore, ...), a dog and a cat less so, a dog and a bus not at all: the
 hierarchy's structure, which the embedding does not know. Only the broad nodes count, those over
 at least BROAD_NODE_CLASSES classes (92 of the 1,808): the classes themselves and the narrow
 groups are the embedding's to tell apart, and on imagenet-dev the names came out right for 0.81
-of images with the broad nodes against 0.72 with all of them (bench/category_quality.py). A node
+of images with the broad nodes against 0.73 with all of them (bench/category_quality.py). A node
 counts by how specific it is (the square root of log(1000 / its classes): the root counts 0).
 
 The two parts are joined, each normalised, so that the cosine of two joined vectors is
@@ -23,6 +24,7 @@ embeddings, never these.
 from __future__ import annotations
 
 import functools
+import hashlib
 
 import numpy as np
 
@@ -62,13 +64,25 @@ def label_vectors(class_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
 def joined(embeddings: np.ndarray, class_ids: np.ndarray, scores: np.ndarray,
            label_weight: float) -> np.ndarray:
     """The vectors categories are clustered on (unit length): embeddings and labels, see above."""
-    emb = l2_normalize(np.asarray(embeddings, np.float32))
     if label_weight <= 0:
-        return emb
-    labels = label_vectors(class_ids, scores)
-    return l2_normalize(np.hstack([np.sqrt(1 - label_weight) * emb, np.sqrt(label_weight) * labels]))
+        return l2_normalize(embeddings)
+    emb = np.asarray(embeddings, np.float32)
+    labels = label_vectors(class_ids, scores)  # unit rows, or zero rows without labels
+    # Each part scaled once, straight into the joined array: the joined row's length is known
+    # ((1 - w) + w, or 1 - w without labels), so no second normalisation pass over a million rows.
+    length = np.sqrt((1 - label_weight) + label_weight * labels.any(axis=1)).astype(np.float32)
+    emb_scale = np.sqrt(np.float32(1 - label_weight)) / (
+        np.maximum(np.linalg.norm(emb, axis=1), np.float32(1e-12)) * length)
+    out = np.empty((len(emb), emb.shape[1] + labels.shape[1]), np.float32)
+    np.multiply(emb, emb_scale[:, None], out=out[:, : emb.shape[1]])
+    np.multiply(labels, (np.sqrt(np.float32(label_weight)) / length)[:, None], out=out[:, emb.shape[1] :])
+    return out
 
 
 def space_name(label_weight: float) -> str:
-    """How a catalog's centroids were made (kept in catalog_meta): a change means a full refit."""
-    return "embedding" if label_weight <= 0 else f"embedding+labels:{label_weight:g}"
+    """How a catalog's centroids were made (kept in catalog_meta): a change means a full refit.
+    With labels it names the weight and a digest of the label part's nodes and weights, so that a
+    new hierarchy file or another choice of broad nodes also counts as a change."""
+    if label_weight <= 0:
+        return "embedding"
+    return f"embedding+labels:{label_weight:g}@{hashlib.sha256(_ancestry().tobytes()).hexdigest()[:12]}"
