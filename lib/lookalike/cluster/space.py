@@ -2,9 +2,8 @@
 WordNet hierarchy.
 
 Embeddings alone group what looks alike: on imagenet-dev (one photo per ImageNet class) a category
-of them mixes dogs, snakes and shop fronts that share colours or a layout, and only 0.20 of the
-images end up under a name at the right level ("dog" for a dog, not "mixed" or "animal"; 0.16,
-#19).
+of them mixes dogs, snakes and shop fronts that share colours or a layout, and only 0.16 of the
+images end up under a name at the right level ("dog" for a dog, not "mixed" or "animal"; #19).
 Every image also has its top-5 labels, from the classifier head of the same forward pass. Their
 probabilities spread over each label's ancestors give a vector on which two dog breeds are close
 (they share dog, canine, carnivore, ...), a dog and a cat less so, a dog and a bus not at all: the

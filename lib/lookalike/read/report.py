@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import html
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -63,8 +63,8 @@ class ReportSummary:
 def write_report(cat: Catalog, out: str | Path, per_cluster: int = 24, max_groups: int = 1000,
                  max_errors: int = 1000, max_months: int = 24) -> ReportSummary:
     """Write DIR/index.html, its pages and DIR/thumbs/. per_cluster bounds the thumbnails of a
-    category page and of a group; max_groups the groups shown (GROUPS_PER_PAGE a page),
-    max_errors/max_months the other pages."""
+    category page and of a group; max_groups the groups shown (GROUPS_PER_PAGE a page) and the
+    images with exact copies; max_errors/max_months the other pages."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     clusters = cat.clusters(limit=None)
@@ -229,13 +229,10 @@ def _small_copy(source: Path, dest: Path) -> int:
 def _index_page(r: _Report, clusters: pd.DataFrame, grown: pd.Series, arrivals: pd.DataFrame,
                 waste: pd.Series) -> list[str]:
     out = ["<section id=arrivals>", "<h2>Latest runs</h2>"]
-    if arrivals.empty:
-        out.append("<p class=empty>Nothing catalogued yet.</p>")
-    else:
-        out += _table(["run", "new images", "bytes", "the categories most of them joined"],
-                      (f"<tr class=arrival><td>{a.run_id}</td><td>{a.images}</td>"
-                       f"<td>{human_bytes(a.bytes)}</td><td>{_e(a.categories or '')}</td></tr>"
-                       for a in arrivals.itertuples()))
+    out += _table(["run", "new images", "bytes", "the categories most of them joined"],
+                  [f"<tr class=arrival><td>{a.run_id}</td><td>{a.images}</td>"
+                   f"<td>{human_bytes(a.bytes)}</td><td>{_e(a.categories or '')}</td></tr>"
+                   for a in arrivals.itertuples()], empty="Nothing catalogued yet.")
     out.append("</section>")
     out += ["<section id=waste>", "<h2>What duplicates take</h2>",
             f"<p>Exact copies: {int(waste['exact_images'])} images at more than one path, "
@@ -245,15 +242,13 @@ def _index_page(r: _Report, clusters: pd.DataFrame, grown: pd.Series, arrivals: 
             f"{human_bytes(int(waste['near_wasted_bytes']))} in the copies other than the one to keep "
             f"(<a href='{r.link('groups/1.html')}'>groups</a>).</p>", "</section>"]
     out += ["<section id=clusters>", f"<h2>Similarity categories · {len(clusters)}</h2>"]
-    if clusters.empty:
-        out.append("<p class=empty>No categories yet: the catalog has no embedded images.</p>")
-    else:
-        out += _table(["category", "images", "joined in the latest batch", "mean similarity"],
-                      (f"<tr class=cluster data-cluster-id='{c.cluster_id}' data-images='{c.images}'>"
-                       f"<td><a href='{r.link(f'categories/{c.cluster_id}.html')}'>"
-                       f"{_e(display(c.name, c.cluster_id))}</a> <small>#{c.cluster_id}</small></td>"
-                       f"<td>{c.images}</td><td>{int(grown.get(c.cluster_id, 0))}</td>"
-                       f"<td>{c.mean_sim:.2f}</td></tr>" for c in clusters.itertuples()))
+    out += _table(["category", "images", "joined in the latest batch", "mean similarity"],
+                  [f"<tr class=cluster data-cluster-id='{c.cluster_id}' data-images='{c.images}'>"
+                   f"<td><a href='{r.link(f'categories/{c.cluster_id}.html')}'>"
+                   f"{_e(display(c.name, c.cluster_id))}</a> <small>#{c.cluster_id}</small></td>"
+                   f"<td>{c.images}</td><td>{int(grown.get(c.cluster_id, 0))}</td>"
+                   f"<td>{c.mean_sim:.2f}</td></tr>" for c in clusters.itertuples()],
+                  empty="No categories yet: the catalog has no embedded images.")
     out.append("</section>")
     return out
 
@@ -354,19 +349,20 @@ def _timeline_page(r: _Report, cat: Catalog, months: pd.DataFrame, per_month: in
 
 def _errors_page(errors: pd.DataFrame, total: int) -> list[str]:
     out = ["<section id=errors>", f"<h2>Files that could not be catalogued · {total}</h2>"]
-    if errors.empty:
-        return [*out, "<p class=empty>None.</p>", "</section>"]
-    if len(errors) < total:
+    if 0 < len(errors) < total:
         out.append(f"<p>The latest {len(errors)} are listed.</p>")
     out += _table(["path", "error", "reason", "when"],
-                  (f"<tr class=error><td class=path>{_e(e.path)}</td><td><code>{_e(e.error)}</code></td>"
+                  [f"<tr class=error><td class=path>{_e(e.path)}</td><td><code>{_e(e.error)}</code></td>"
                    f"<td>{_e(e.message)}</td><td class=when>{e.at:%Y-%m-%d %H:%M}</td></tr>"
-                   for e in errors.itertuples()))
+                   for e in errors.itertuples()], empty="None.")
     return [*out, "</section>"]
 
 
-def _table(headers: list[str], rows: Iterable[str]) -> list[str]:
-    """A table's lines: its header row, then `rows` (each a whole <tr>)."""
+def _table(headers: list[str], rows: list[str], empty: str) -> list[str]:
+    """A table's lines: its header row, then `rows` (each a whole <tr>); without rows, the
+    `empty` message in its place."""
+    if not rows:
+        return [f"<p class=empty>{_e(empty)}</p>"]
     head = "".join(f"<th>{_e(h)}</th>" for h in headers)
     return [f"<table><thead><tr>{head}</tr></thead><tbody>", *rows, "</tbody></table>"]
 
