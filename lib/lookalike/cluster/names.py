@@ -34,6 +34,11 @@ def display(name: str | None, cluster_id: int) -> str:
     return name or f"category {cluster_id}"
 
 
+def display_sql(clusters: str) -> str:
+    """:func:`display` as an SQL expression over a `clusters` row aliased `clusters`."""
+    return f"coalesce({clusters}.name, 'category ' || {clusters}.id)"
+
+
 def refresh_names(cur: psycopg.Cursor, model_ver: str, cluster_ids: Sequence[int] | None = None) -> int:
     """Name these categories (every one of model_ver when None) from their members' labels, in
     `cur`'s transaction; analysts' names stay. Returns how many were (re)named."""

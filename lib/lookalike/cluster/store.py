@@ -239,9 +239,9 @@ def assign_new(cur: psycopg.Cursor, model_ver: str, image_ids: np.ndarray, vecs:
     if len(image_ids) == 0:
         return ClusterCounts()
     cluster_ids, centroids, sizes = _existing(cur, model_ver, vector_type)
-    vecs = category_vectors(cur, model_ver, image_ids, vecs, cfg)
     if len(cluster_ids) == 0:
-        return fit_and_write(cur, model_ver, image_ids, lambda: [vecs], len(vecs), cfg, vector_type)
+        joined = category_vectors(cur, model_ver, image_ids, vecs, cfg)
+        return fit_and_write(cur, model_ver, image_ids, lambda: [joined], len(joined), cfg, vector_type)
     fitted_on = int(db.get_meta(cur.connection, fit_size_key(model_ver)) or 0)
     n_now = cur.execute("SELECT count(*) FROM image_embeddings WHERE model_ver = %s",
                         (model_ver,)).fetchone()[0]
@@ -254,7 +254,8 @@ def assign_new(cur: psycopg.Cursor, model_ver: str, image_ids: np.ndarray, vecs:
         say(f"clusters: the catalog grew from {fitted_on} to {n_now} {model_ver} vectors since its last "
             "clustering: clustering them all again")
         return refit(cur, model_ver, cfg, vector_type, scratch)
-    res = assign_incremental(centroids, sizes, vecs, cfg)
+    # The batch's labels are read only here: a refit above reads every image's itself.
+    res = assign_incremental(centroids, sizes, category_vectors(cur, model_ver, image_ids, vecs, cfg), cfg)
     for idx in res.changed.tolist():
         cur.execute("UPDATE clusters SET centroid = %s, size = %s, updated_at = now() WHERE id = %s",
                     (vector_to_db(res.centroids[idx], vector_type), int(res.sizes[idx]),

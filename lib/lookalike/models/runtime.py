@@ -71,11 +71,6 @@ def default_threads() -> int:
     return int(env) if env.isdigit() and int(env) > 0 else os.cpu_count() or 1
 
 
-def default_cache_dir() -> Path:
-    """Where exported ONNX files go when get_embedder() is given no cache_dir: the shared cache."""
-    return export_cache.shared_dir()
-
-
 def onnx_path(spec: ModelSpec, cache_dir: str | Path) -> Path:
     """The ONNX export of ``spec``: one file per model_ver (content-hashed weights)."""
     return Path(cache_dir) / (file_safe(spec.model_ver) + ".onnx")
@@ -133,7 +128,7 @@ class Embedder:
         self._clip_model = clip_model  # the torch backend's open_clip model, reused for text
         self._encode_text: Callable[[list[str]], np.ndarray] | None = None
         self._text_lock = threading.Lock()
-        self._cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+        self._cache_dir = Path(cache_dir) if cache_dir else export_cache.shared_dir()
         self._label_text: np.ndarray | None = None  # zero-shot: (1000, dim) normalised prompt vectors
         self._labels_failed = False
         self._labels_lock = threading.Lock()
@@ -227,7 +222,7 @@ def get_embedder(spec: ModelSpec, *, backend: str = "auto", cache_dir: str | Pat
 
     backend: "torch", "onnx" or "auto" (the faster one for the model family, see _AUTO_BACKEND).
     cache_dir: where ONNX exports and zero-shot label vectors live (``<home>/models``); default
-    :func:`default_cache_dir`.
+    :func:`export_cache.shared_dir`.
     threads: intra-op threads (default :func:`default_threads`); give each Spark worker its share.
     verify_images: real photos (thumbnails) to check an ONNX export against torch; only used when
     the export does not exist yet. Call this once on the driver before the executors need the file.
@@ -237,7 +232,7 @@ def get_embedder(spec: ModelSpec, *, backend: str = "auto", cache_dir: str | Pat
     if backend not in ("torch", "onnx"):
         raise ValueError(f"unknown embedding backend {backend!r}: use 'auto', 'torch' or 'onnx'")
     threads = threads or default_threads()
-    cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    cache = Path(cache_dir).expanduser() if cache_dir else export_cache.shared_dir()
     # The cache also holds a CLIP model's zero-shot label vectors, for either backend (a torch model
     # loaded twice is one copy: _TORCH_MODELS).
     key = (spec, backend, str(cache), threads, batch_size)

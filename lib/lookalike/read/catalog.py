@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from lookalike import db
-from lookalike.cluster.names import name_by_analyst
+from lookalike.cluster.names import display_sql, name_by_analyst
 from lookalike.config import Config, load_config
 from lookalike.db import vector_index
 from lookalike.db.runs import catalog_store
@@ -307,7 +307,7 @@ WITH periods AS (
     JOIN image_cluster ic ON ic.image_id = i.id AND ic.model_ver = {ACTIVE_VER}
     WHERE {period} >= (SELECT min(period) FROM periods) GROUP BY 1, 2
 ), top AS (
-    SELECT period, string_agg(coalesce(c.name, 'category ' || c.id) || ' ' || n, ', ' ORDER BY n DESC)
+    SELECT period, string_agg({display_sql('c')} || ' ' || n, ', ' ORDER BY n DESC)
            AS categories
     FROM (SELECT *, row_number() OVER (PARTITION BY period ORDER BY n DESC, cluster_id) AS r FROM joined) j
     JOIN clusters c ON c.id = j.cluster_id WHERE r <= 3 GROUP BY period
