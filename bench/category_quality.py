@@ -10,7 +10,8 @@ the original JPEGs; the embed stage feeds 512-px thumbnails), cached under /tmp/
    WordNet nodes; 'mixed' counts as wrong). Groups: (a) the TRUE coarse categories, standing in for
    clusters, (b) plain k-means (k=30) over the embeddings, swept over min_share, votes from top-1
    labels and from full probabilities; (c) lookalike's own clustering (lookalike.cluster.space's
-   embeddings joined with labels, then cluster.algorithm), at several label weights and seeds;
+   embeddings joined with labels, then cluster.algorithm), at several label weights and seeds, at
+   finer k (more, purer categories), and as runs that join categories, with and without refits;
 4. `find WORD` precision / recall / F1 for each coarse category whose name is a WordNet node;
 5. the classifier head's cost: torch CPU forward, batch 32, features only vs features + head (+ softmax).
 
@@ -42,7 +43,13 @@ from PIL import Image
 from sklearn.cluster import KMeans
 
 from lookalike.cluster import space
-from lookalike.cluster.algorithm import ClusterConfig, assign, assign_incremental, fit_clusters
+from lookalike.cluster.algorithm import (
+    ClusterConfig,
+    assign,
+    assign_incremental,
+    fit_clusters,
+    should_refit,
+)
 from lookalike.labels import hierarchy as hi
 from lookalike.labels.classifier import classifier_head, features_and_logits, logits_from_features
 from lookalike.models.registry import resolve_model
@@ -202,9 +209,11 @@ def main() -> None:
     # (label_weight 0) and other label weights, each over several k-means seeds (the product's is 0).
     cfg = ClusterConfig.defaults()
 
-    def product_clustering(label_weight: float, seed: int) -> tuple[int, float, float]:
+    def product_clustering(label_weight: float, seed: int, k_per_sqrt_n: float = cfg.k_per_sqrt_n,
+                           ) -> tuple[int, float, float]:
         vecs = space.joined(feats, top_idx, top_p, label_weight)
-        fit = fit_clusters(lambda: [vecs], len(vecs), replace(cfg, label_weight=label_weight, seed=seed))
+        fit = fit_clusters(lambda: [vecs], len(vecs), replace(
+            cfg, label_weight=label_weight, seed=seed, k_per_sqrt_n=k_per_sqrt_n))
         lab = assign(fit.centroids, vecs)[0]
         groups = [np.flatnonzero(lab == g) for g in range(len(fit.centroids))]
         purity = sum(np.unique(np.array(coarse)[g], return_counts=True)[1].max()
@@ -218,29 +227,46 @@ def main() -> None:
         print(f"     label_weight {weight:4.2f}: {runs[:, 0].mean():4.0f} categories, purity "
               f"{runs[:, 1].mean():.3f}; right-level names {runs[0, 2]:.3f} at seed 0, mean "
               f"{runs[:, 2].mean():.3f} (min {runs[:, 2].min():.3f}, max {runs[:, 2].max():.3f}){mark}")
-    # Between full fits, a run's new images join categories or start their own (join_cosine):
-    # the first 100 images fitted, the other 400 arriving in 4 runs, no refit.
-    def arrivals(join_cosine: float, seed: int) -> tuple[int, float]:
+    # The names' share grows with the number of categories (finer categories are purer, and a
+    # finer right name still counts: 'hound' for a hound): the same clustering at finer k.
+    print(f"   finer categories (k = k_per_sqrt_n * sqrt(n); the product's is {cfg.k_per_sqrt_n:g}), "
+          f"label_weight {cfg.label_weight:g}, seeds 0-{args.seeds * 2 - 1}:")
+    for k_per_sqrt_n in (3.0, 4.0):
+        runs = np.array([product_clustering(cfg.label_weight, seed, k_per_sqrt_n)
+                         for seed in range(args.seeds * 2)])
+        print(f"     k_per_sqrt_n {k_per_sqrt_n:g}: {runs[:, 0].mean():4.0f} categories, purity "
+              f"{runs[:, 1].mean():.3f}; right-level names mean {runs[:, 2].mean():.3f} "
+              f"(min {runs[:, 2].min():.3f}, max {runs[:, 2].max():.3f})")
+    # Runs: the first 100 images fitted, the other 400 arriving in 4 runs of 100 that join categories or
+    # start their own (join_cosine); with the product's refit rule (a full fit once the catalog has grown
+    # refit_growth times since the last: here at 200 and 400 images) and without any refit.
+    def arrivals(join_cosine: float, seed: int, refit: bool) -> tuple[int, float]:
         vecs = space.joined(feats, top_idx, top_p, cfg.label_weight)
         order = np.random.default_rng(seed).permutation(len(vecs))
         c = replace(cfg, join_cosine=join_cosine, seed=seed)
-        fit = fit_clusters(lambda: [vecs[order[:100]]], 100, c)
-        centroids, sizes = fit.centroids, fit.sizes
         lab = np.full(len(vecs), -1)
-        lab[order[:100]] = assign(centroids, vecs[order[:100]])[0]
-        for part in np.array_split(order[100:], 4):
-            step = assign_incremental(centroids, sizes, vecs[part], c)
-            centroids, sizes, lab[part] = step.centroids, step.sizes, step.cluster
+        centroids, sizes, n_fit = np.empty((0, vecs.shape[1]), np.float32), np.empty(0, np.int64), 0
+        for seen in range(100, len(vecs) + 1, 100):
+            part = order[seen - 100 : seen]
+            if n_fit == 0 or (refit and should_refit(n_fit, seen, c)):
+                fit = fit_clusters(lambda seen=seen: [vecs[order[:seen]]], seen, c)
+                centroids, sizes, n_fit = fit.centroids, fit.sizes, seen
+                lab[order[:seen]] = assign(centroids, vecs[order[:seen]])[0]
+            else:
+                step = assign_incremental(centroids, sizes, vecs[part], c)
+                centroids, sizes, lab[part] = step.centroids, step.sizes, step.cluster
         return len(centroids), score([np.flatnonzero(lab == g) for g in range(len(centroids))],
                                      hi.DEFAULT_MIN_SHARE, "top5")
 
-    print(f"   arrivals (100 fitted, then 4 runs of 100 joining or starting categories), label_weight "
-          f"{cfg.label_weight:g}, seeds 0-{args.seeds - 1}:")
-    for join in sorted({0.4, cfg.join_cosine, 0.7}):
-        runs = np.array([arrivals(join, seed) for seed in range(args.seeds)])
-        mark = "  <- default" if join == cfg.join_cosine else ""
-        print(f"     join_cosine {join:.2f}: {runs[:, 0].mean():4.0f} categories; right-level names "
-              f"{runs[:, 1].mean():.3f} (min {runs[:, 1].min():.3f}){mark}")
+    print(f"   runs (100 fitted, then 4 runs of 100 joining or starting categories), label_weight "
+          f"{cfg.label_weight:g}, seeds 0-{args.seeds * 2 - 1}:")
+    for refit in (True, False):
+        for join in sorted({0.5, cfg.join_cosine, 0.7}):
+            runs = np.array([arrivals(join, seed, refit) for seed in range(args.seeds * 2)])
+            mark = "  <- default" if join == cfg.join_cosine and refit else ""
+            how = f"refit at {cfg.refit_growth:g}x" if refit else "no refit   "
+            print(f"     {how}, join_cosine {join:.2f}: {runs[:, 0].mean():4.0f} categories; right-level "
+                  f"names {runs[:, 1].mean():.3f} (min {runs[:, 1].min():.3f}){mark}")
     names = defaultdict(int)
     for g in km_groups[0]:
         names[hi.name_category(pred[g])[0]] += 1
