@@ -39,7 +39,10 @@ RETRIED = frozenset({IngestError.THUMBNAIL, IngestError.STORE})
 def one_line(error: BaseException | str, limit: int = 300) -> str:
     """The first line of a message, spaces folded, at most `limit` characters: what a catalog row
     or a terminal shows (a server's DETAIL and HINT lines, a traceback's frames, stay out)."""
-    lines = [" ".join(line.split()) for line in str(error).splitlines()]
+    arg = error.args[0] if isinstance(error, BaseException) and len(error.args) == 1 else None
+    # LibRaw's messages arrive as bytes: str() would show b'...'
+    lines = [" ".join(line.split()) for line in
+             (arg.decode("utf-8", "replace") if isinstance(arg, bytes) else str(error)).splitlines()]
     text = next((line for line in lines if line), "")
     if not text and isinstance(error, BaseException):
         text = type(error).__name__

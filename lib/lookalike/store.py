@@ -29,7 +29,6 @@ from typing import IO, Any
 from lookalike.counts import Counts
 from lookalike.files import LINK_REFUSED, sha256_of
 
-MODES = ("hardlink", "copy", "move")
 PARTIAL = ".partial"
 THUMBS = "thumbs"
 

@@ -266,7 +266,7 @@ def _extract_into(row: dict[str, Any], path: str, settings: ExtractSettings, mti
             thumb, decoded = decode_thumbnail(data if data is not None else path, settings,
                                               os.path.splitext(path)[1])
         except FormatError as e:  # raw_decode, heif_decode, too_large: already one line
-            raise ExtractError(IngestError(e.code), str(e)) from None
+            raise ExtractError(e.code, str(e)) from None
         except Image.DecompressionBombError as e:
             raise ExtractError(IngestError.TOO_LARGE, f"decompression-bomb guard: {one_line(e)}") from None
         except Image.DecompressionBombWarning as e:

@@ -41,6 +41,8 @@ from typing import Any
 
 from PIL import ExifTags, Image, ImageOps, JpegImagePlugin, features
 
+from lookalike.errors import IngestError, one_line
+
 # Camera RAW formats LibRaw decodes, by extension. A DNG is a TIFF that Pillow would open too
 # (its first IFD, often a small preview): the extension, not the content, routes it to LibRaw.
 RAW_EXTENSIONS = frozenset({
@@ -75,7 +77,7 @@ _PILLOW_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeEr
 class FormatError(Exception):
     """A file its format's decoder cannot read: `code` is short and stable, the message one line."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: IngestError, message: str) -> None:
         super().__init__(message)
         self.code = code
 
@@ -132,13 +134,6 @@ def register_openers() -> None:
 register_openers()
 
 
-def _one_line(e: BaseException) -> str:
-    # LibRaw's messages arrive as bytes: str() would show b'...'
-    arg = e.args[0] if len(e.args) == 1 else None
-    text = arg.decode("utf-8", "replace") if isinstance(arg, bytes) else str(e)
-    return (" ".join(text.split()) or type(e).__name__)[:300]
-
-
 def _norm_ext(ext: str) -> str:
     ext = ext.lower()
     return ext if ext.startswith(".") else f".{ext}"
@@ -173,17 +168,17 @@ def probe_raw(path: str, ext: str, max_pixels: int | None = None) -> None:
     try:
         import rawpy
     except ImportError:
-        raise FormatError("raw_decode", f"cannot decode {fmt}: rawpy is not installed") from None
+        raise FormatError(IngestError.RAW_DECODE, f"cannot decode {fmt}: rawpy is not installed") from None
     try:
         with rawpy.imread(path) as raw:  # opens and parses the metadata; no unpack
             sizes = raw.sizes
     except rawpy.LibRawError as e:
         if _head(path)[:3] == b"\xff\xd8\xff":
             return
-        raise FormatError("raw_decode",
-                          f"cannot decode {fmt}: LibRaw cannot open it ({_one_line(e)})") from None
+        raise FormatError(IngestError.RAW_DECODE,
+                          f"cannot decode {fmt}: LibRaw cannot open it ({one_line(e)})") from None
     if max_pixels is not None and sizes.width * sizes.height > max_pixels:
-        raise FormatError("too_large", f"{fmt} of {sizes.width}x{sizes.height} pixels is over the "
+        raise FormatError(IngestError.TOO_LARGE, f"{fmt} of {sizes.width}x{sizes.height} pixels is over the "
                                        f"{max_pixels} limit")
 
 
@@ -213,20 +208,21 @@ def _decode_raw(data: bytes | str, ext: str, min_side: int, max_pixels: int | No
     try:
         import rawpy
     except ImportError:
-        raise FormatError("raw_decode", f"cannot decode {fmt}: rawpy is not installed") from None
+        raise FormatError(IngestError.RAW_DECODE, f"cannot decode {fmt}: rawpy is not installed") from None
     try:
         raw = rawpy.imread(_Whole(data) if isinstance(data, bytes) else data)
     except rawpy.LibRawError as e:
         head = data[:3] if isinstance(data, bytes) else _head(data)[:3]
         if head == b"\xff\xd8\xff":  # a JPEG named .nef (a camera's JPEG renamed): not an error
             return None
-        raise FormatError("raw_decode",
-                          f"cannot decode {fmt}: LibRaw cannot open it ({_one_line(e)})") from None
+        raise FormatError(IngestError.RAW_DECODE,
+                          f"cannot decode {fmt}: LibRaw cannot open it ({one_line(e)})") from None
     with raw:
         sizes = raw.sizes  # known from the header: no unpack
         width, height = (sizes.height, sizes.width) if sizes.flip & 4 else (sizes.width, sizes.height)
         if max_pixels is not None and width * height > max_pixels:
-            raise FormatError("too_large", f"{fmt} of {width}x{height} pixels is over the {max_pixels} limit")
+            raise FormatError(IngestError.TOO_LARGE,
+                              f"{fmt} of {width}x{height} pixels is over the {max_pixels} limit")
         orientation = _FLIP_TO_ORIENTATION.get(sizes.flip, 1)
         image, preview_exif, why_not = _raw_preview(raw, min_side)
         if image is not None:
@@ -240,8 +236,8 @@ def _decode_raw(data: bytes | str, ext: str, min_side: int, max_pixels: int | No
             try:
                 rgb = raw.postprocess(half_size=True, use_camera_wb=True, output_bps=8)
             except (rawpy.LibRawError, ValueError, RuntimeError) as e:
-                raise FormatError("raw_decode", f"cannot decode {fmt}: {why_not}, and the demosaic failed "
-                                                f"({_one_line(e)})") from None
+                raise FormatError(IngestError.RAW_DECODE, f"cannot decode {fmt}: {why_not}, and the demosaic "
+                                                          f"failed ({one_line(e)})") from None
             image = Image.fromarray(rgb)
     own = raw_exif(data) if isinstance(data, bytes) else _raw_exif_file(data)
     exif = own or preview_exif or Image.Exif()
@@ -261,7 +257,7 @@ def _raw_preview(raw: Any, min_side: int) -> tuple[Image.Image | None, Image.Exi
     except rawpy.LibRawUnsupportedThumbnailError:
         return None, None, "embedded preview in an unsupported format"
     except (rawpy.LibRawError, ValueError, NotImplementedError) as e:
-        return None, None, f"embedded preview unreadable ({_one_line(e)})"
+        return None, None, f"embedded preview unreadable ({one_line(e)})"
     if thumb.format == rawpy.ThumbFormat.BITMAP:
         im = Image.fromarray(thumb.data)
         if max(im.size) < min_side:
@@ -275,7 +271,7 @@ def _raw_preview(raw: Any, min_side: int) -> tuple[Image.Image | None, Image.Exi
         _draft(im, min_side)
         im.load()
     except _PILLOW_ERRORS as e:
-        return None, None, f"embedded preview unreadable ({_one_line(e)})"
+        return None, None, f"embedded preview unreadable ({one_line(e)})"
     return im, exif if len(exif) else None, ""
 
 
@@ -418,8 +414,8 @@ def _decode_pillow(source: bytes | str, min_side: int) -> Decoded:
         if isinstance(e, Image.UnidentifiedImageError):
             has_decoder = ".avif" in Image.registered_extensions() if kind == "AVIF" else _heif_opener
             why = "damaged or truncated (no decoder accepted it)" if has_decoder else "no decoder installed"
-            raise FormatError("heif_decode", f"cannot decode {kind}: {why}") from None
-        raise FormatError("heif_decode", f"cannot decode {kind}: {_one_line(e)}") from None
+            raise FormatError(IngestError.HEIF_DECODE, f"cannot decode {kind}: {why}") from None
+        raise FormatError(IngestError.HEIF_DECODE, f"cannot decode {kind}: {one_line(e)}") from None
     return Decoded(image, fmt, width, height, "decode", exif)
 
 
