@@ -62,7 +62,7 @@ def test_forty_dog_breeds_are_dog() -> None:
 
 
 def test_cars_buses_and_trucks_are_vehicles() -> None:
-    mix = idx("sports car", "convertible", "cab", "school bus", "trolleybus", "minibus",
+    mix = idx("sports car", "convertible (car)", "cab", "school bus", "trolleybus", "minibus",
               "pickup", "trailer truck", "fire engine")
     name, labels = name_category(mix)
     # WordNet puts buses under 'public transport', cars and trucks under 'motor vehicle' (6 of 9 here)
@@ -116,6 +116,27 @@ def test_find_vehicle_finds_cars_boats_planes() -> None:
     assert not set(idx("pizza", "beagle")) & vehicles
     assert classes_under("geese") == classes_under("goose")  # WordNet's irregular plurals
     assert classes_under("butterflies") == classes_under("butterfly")
+
+
+def test_names_that_mean_different_things_read_differently() -> None:
+    h = load()
+    assert len(set(h.node_names.values())) == len(h.node_names)  # no two nodes share a name
+    # Two ImageNet classes are 'crane' (the bird, the machine), two categories could be 'vessel'
+    # (a ship, a container): each is qualified by the nearest ancestor that tells them apart.
+    bird, machine = idx("crane (wading bird)", "crane (lifting device)")
+    assert h.wnids[bird] == "n02012849" and h.wnids[machine] == "n03126707"
+    assert {h.name("n04530566"), h.name("n04531098")} == {"vessel (craft)", "vessel (container)"}
+    ships_and_boats = idx("container ship", "liner", "canoe", "speedboat", "schooner")
+    assert name_category(ships_and_boats)[0] == "vessel (craft)"
+    assert h.name("n02084071") == "dog"  # a name no other node has stays the plain lemma
+    # find takes a name as shown (that sense only) as well as the plain word (every sense)
+    assert classes_under("crane (Wading Bird)") == {bird}
+    assert classes_under("crane") == {bird, machine}
+    assert classes_under("vessel (craft)") < classes_under("vessel")
+    # CLIP's zero-shot prompts stay on the plain lemma, so cached label text vectors stay valid
+    from lookalike.models.runtime import zero_shot_prompts
+
+    assert zero_shot_prompts()[bird] == zero_shot_prompts()[machine] == "a photo of a crane"
 
 
 def test_find_mask_on_stored_top_k() -> None:

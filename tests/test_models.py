@@ -458,7 +458,8 @@ def test_clip_zero_shot_labels(small_clip_ckpt: Path, tmp_path: Path) -> None:
 
     # Reference: open_clip's own model, tokenizer and zero-shot recipe.
     model = open_clip.create_model(SMALL_CLIP, pretrained=str(small_clip_ckpt)).eval()
-    prompts = [f"a photo of a {name}" for name in load().names]
+    h = load()
+    prompts = [f"a photo of a {h.node_lemmas[wnid][0]}" for wnid in h.wnids]  # the plain lemma: 'crane'
     with torch.inference_mode():
         ref_text = model.encode_text(open_clip.get_tokenizer(SMALL_CLIP)(prompts), normalize=True).numpy()
         ref_images = model.encode_image(torch.from_numpy(torch_embedder.preprocess(images)),

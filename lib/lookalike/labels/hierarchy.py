@@ -61,9 +61,9 @@ class UnknownWordError(KeyError):
 @dataclass(frozen=True)
 class Hierarchy:
     wnids: tuple[str, ...]  # class index -> wnid (sorted wnids: the classifier's output order)
-    names: tuple[str, ...]  # class index -> readable name (first lemma)
+    names: tuple[str, ...]  # class index -> its node's name (see node_names)
     chains: tuple[tuple[str, ...], ...]  # class index -> (own wnid, parent, ..., root)
-    node_names: dict[str, str]
+    node_names: dict[str, str]  # node -> readable name, distinct: see _distinct_names
     node_lemmas: dict[str, tuple[str, ...]]
     depth: dict[str, int]  # root 0
     members: dict[str, np.ndarray]  # node -> sorted class indices under it (itself included)
@@ -79,10 +79,9 @@ def load() -> Hierarchy:
     """The shipped hierarchy, parsed once per process."""
     text = resources.files("lookalike.labels").joinpath("imagenet_hierarchy.json").read_text("utf-8")
     raw = json.loads(text)
-    wnids, names, chains = [], [], []
-    for wnid, name, ancestors in raw["classes"]:
+    wnids, chains = [], []
+    for wnid, _name, ancestors in raw["classes"]:
         wnids.append(wnid)
-        names.append(name)
         chains.append((wnid, *ancestors))
     if len(wnids) != NUM_CLASSES:
         raise ValueError(f"imagenet_hierarchy.json holds {len(wnids)} classes, expected {NUM_CLASSES}")
@@ -92,8 +91,8 @@ def load() -> Hierarchy:
         for pos, node in enumerate(chain):
             depth[node] = len(chain) - 1 - pos
             under.setdefault(node, []).append(index)
-    node_names = {node: entry[0] for node, entry in raw["nodes"].items()}
     node_lemmas = {node: tuple(entry[1]) for node, entry in raw["nodes"].items()}
+    node_names = _distinct_names({node: entry[0] for node, entry in raw["nodes"].items()}, chains)
     lemma_index: dict[str, list[str]] = {}
     for node, lemmas in node_lemmas.items():
         for lemma in lemmas:
@@ -101,10 +100,36 @@ def load() -> Hierarchy:
             if node not in ids:
                 ids.append(node)
     return Hierarchy(
-        wnids=tuple(wnids), names=tuple(names), chains=tuple(chains), node_names=node_names,
+        wnids=tuple(wnids), names=tuple(node_names[w] for w in wnids), chains=tuple(chains),
+        node_names=node_names,
         node_lemmas=node_lemmas, depth=depth,
         members={node: np.asarray(ix, dtype=np.int64) for node, ix in under.items()},
         lemma_index={k: tuple(v) for k, v in lemma_index.items()}, plurals=dict(raw.get("plurals", {})))
+
+
+def _distinct_names(first_lemmas: dict[str, str], chains: list[tuple[str, ...]]) -> dict[str, str]:
+    """Each node's readable name: its first lemma, or, where other nodes share that lemma, the lemma
+    qualified by its nearest ancestor that sets it apart, as a dictionary would: "crane (wading bird)"
+    and "crane (lifting device)", "vessel (craft)" and "vessel (container)". Without it two
+    categories, or a category's labels, would read the same and mean different things."""
+    ancestors: dict[str, tuple[str, ...]] = {}
+    for chain in chains:
+        for pos, node in enumerate(chain):
+            ancestors.setdefault(node, chain[pos + 1 :])
+    sharing: dict[str, list[str]] = {}
+    for node in sorted(first_lemmas):
+        sharing.setdefault(first_lemmas[node], []).append(node)
+    names = dict(first_lemmas)
+    for lemma, nodes in sharing.items():
+        if len(nodes) == 1:
+            continue
+        taken: set[str] = set()
+        for node in nodes:  # by node id: the same names every time
+            qualifier = next((first_lemmas[a] for a in ancestors[node]
+                              if first_lemmas[a] != lemma and first_lemmas[a] not in taken), node)
+            taken.add(qualifier)
+            names[node] = f"{lemma} ({qualifier})"
+    return names
 
 
 def normalise(word: str) -> str:
@@ -237,15 +262,24 @@ def _lemma_forms(word: str) -> list[str]:
 
 
 def nodes_for(word: str) -> tuple[str, ...]:
-    """Every node having ``word`` as a lemma (all its senses), or a node given by its id ('n02084071')."""
+    """Every node having ``word`` as a lemma (all its senses), or the one node given by its qualified
+    name ('crane (wading bird)') or its id ('n02084071')."""
     h = load()
     w = word.strip()
     if re.fullmatch(r"n\d{8}", w) and w in h.node_names:
         return (w,)
+    if normalise(w) in _qualified_names():  # a name as categories and labels show it: 'crane (wading bird)'
+        return (_qualified_names()[normalise(w)],)
     for form in _lemma_forms(w):
         if form in h.lemma_index:
             return h.lemma_index[form]
     return ()
+
+
+@functools.cache
+def _qualified_names() -> dict[str, str]:
+    """Normalised qualified name -> its node, for the nodes whose first lemma others share."""
+    return {normalise(name): node for node, name in load().node_names.items() if name.endswith(")")}
 
 
 def classes_under(word: str) -> set[int]:

@@ -89,10 +89,12 @@ def label_source(spec: ModelSpec) -> str | None:
 
 
 def zero_shot_prompts() -> list[str]:
-    """One prompt per class of lookalike.labels, in class index order."""
+    """One prompt per class of lookalike.labels, in class index order: its first lemma ("a photo of
+    a crane"), as the label text vectors were first made, so that their cached files stay valid."""
     from lookalike.labels import load
 
-    return [ZERO_SHOT_PROMPT.format(name) for name in load().names]
+    h = load()
+    return [ZERO_SHOT_PROMPT.format(h.node_lemmas[wnid][0]) for wnid in h.wnids]
 
 
 def label_text_path(spec: ModelSpec, cache_dir: str | Path) -> Path:
