@@ -34,6 +34,7 @@ def test_override_changes_only_named_keys(tmp_path: Path) -> None:
     ("[extract]\nthumb_size = true\n", "extract.thumb_size"),
     ("[extract]\nkeep_gps = 1\n", "extract.keep_gps"),
     ("[extract]\nexif_timezone = 'Mars/Olympus'\n", "extract.exif_timezone"),
+    ("[cluster]\nk_per_sqrt_n = 0\n", "cluster.k_per_sqrt_n"),
 ])
 def test_bad_config_is_rejected_naming_the_key(tmp_path: Path, text: str, named: str) -> None:
     with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
@@ -62,3 +63,13 @@ def test_the_cluster_example_is_a_valid_override(tmp_path: Path) -> None:
     cfg = load_config(REPO_ROOT / "conf" / "cluster.example.toml", tmp_path)
     assert cfg["spark"]["master"].startswith("spark://")
     assert cfg["catalog"]["dsn"].startswith("postgresql://")
+
+
+def test_finer_categories_from_the_configuration(tmp_path: Path) -> None:
+    from lookalike.cluster.algorithm import ClusterConfig, derive_k
+
+    default = ClusterConfig.from_config(load_config()["cluster"])
+    override = write(tmp_path, "[cluster]\nk_per_sqrt_n = 3\n")
+    finer = ClusterConfig.from_config(load_config(override)["cluster"])
+    assert (derive_k(10_000, default), derive_k(10_000, finer)) == (200, 300)
+    assert derive_k(10_000_000, finer) == finer.k_max  # still bounded for the largest archives

@@ -41,6 +41,7 @@ _RANGES: dict[str, tuple[float | None, float | None]] = {
     "neardup.verify_cosine": (-1.0, 1.0),
     "neardup.max_hash_matches": (1, None),
     "cluster.k": (0, None),
+    "cluster.k_per_sqrt_n": (0.1, 100.0),
     "cluster.merge_cosine": (-1.0, 1.0),
     "cluster.join_cosine": (-1.0, 1.0),
     "cluster.label_weight": (0.0, 1.0),

@@ -56,16 +56,16 @@ __all__ = [
 
 @dataclass(frozen=True)
 class ClusterConfig:
-    """Clustering parameters. The first five are the configuration's (conf/lookalike.toml
+    """Clustering parameters. The first six are the configuration's (conf/lookalike.toml
     [cluster], the one place their values live); the rest are the algorithm's own, chosen with
     bench/cluster_quality.py --sweep on EfficientNet-Lite0 embeddings."""
 
     k: int | None  # k-means clusters before merging; None: derive_k(n)
+    k_per_sqrt_n: float  # derived k = k_per_sqrt_n * sqrt(n), clipped to [1, k_max]
     merge_cosine: float  # centroids (and merged groups) at least this close become one cluster
     join_cosine: float  # a new image joins its nearest cluster at this cosine or above
     refit_growth: float  # should_refit once the collection has grown this much since the fit
     label_weight: float  # labels' share of the clustered likeness (lookalike.cluster.space)
-    k_per_sqrt_n: float = 2.0  # derived k = k_per_sqrt_n * sqrt(n), clipped to [1, k_max]
     k_max: int = 4096  # bounds the fit time of very large archives
     init_per_cluster: int = 40  # sample rows per cluster for the Lloyd initialisation
     batch_size: int = 4096  # MiniBatchKMeans step size
@@ -75,7 +75,8 @@ class ClusterConfig:
     @classmethod
     def from_config(cls, section: dict[str, Any], **overrides: Any) -> ClusterConfig:
         """From a config's [cluster] section: k = 0 derives k, refit_growth = 0 never refits."""
-        values = {"k": section["k"] or None, "merge_cosine": section["merge_cosine"],
+        values = {"k": section["k"] or None, "k_per_sqrt_n": section["k_per_sqrt_n"],
+                  "merge_cosine": section["merge_cosine"],
                   "join_cosine": section["join_cosine"],
                   "refit_growth": section["refit_growth"] or float("inf"),
                   "label_weight": section["label_weight"]}
