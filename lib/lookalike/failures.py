@@ -39,6 +39,20 @@ def signal_name(e: KeyboardInterrupt) -> str:
     return getattr(e, "signame", "SIGINT")
 
 
+def interruption(e: BaseException) -> KeyboardInterrupt | None:
+    """The Ctrl-C or SIGTERM behind `e`: `e` itself, or the one a library turned into another error
+    on its way up (a signal that lands while a C extension is being imported surfaces as
+    "ImportError: initialization failed", caused by it). None when `e` has no signal behind it."""
+    seen: set[int] = set()
+    cause: BaseException | None = e
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, KeyboardInterrupt):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
 def _on_sigterm(signum: int, frame: object) -> None:
     raise Interrupted("SIGTERM")
 
@@ -56,10 +70,11 @@ def _line(e: BaseException) -> str:
 
 def end(e: BaseException, expected: tuple[type[BaseException], ...], debug: bool) -> int:
     """Print the one line for `e`, log its traceback, and return the exit code."""
-    if isinstance(e, KeyboardInterrupt):
-        sig = signal_name(e)
+    stop = interruption(e)
+    if stop is not None:
+        sig = signal_name(stop)
         code = 128 + int(getattr(signal, sig))
-        message = str(e) or f"interrupted by {sig}"
+        message = str(stop) or f"interrupted by {sig}"
         _traceback.debug("interrupted", exc_info=e)
     elif isinstance(e, (*expected, OSError, psycopg.OperationalError)):
         # Bad input, or the environment rather than the code (a full disk, an unusable folder,

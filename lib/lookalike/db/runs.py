@@ -20,7 +20,7 @@ import psycopg
 from lookalike import db
 from lookalike.config import Config, ConfigError
 from lookalike.errors import one_line
-from lookalike.failures import signal_name
+from lookalike.failures import interruption, signal_name
 from lookalike.models.registry import OPEN_CLIP_PREFIX, ModelSpec, resolve_model
 from lookalike.progress import say
 from lookalike.store import StoreSettings
@@ -48,8 +48,9 @@ def recorded_run(conn: psycopg.Connection, kind: str, roots: Sequence[str] | Non
         yield run_id
     except BaseException as e:
         # Ctrl-C or SIGTERM: 'interrupted', the message naming the signal (failures.Interrupted).
-        if isinstance(e, KeyboardInterrupt):
-            status, message = "interrupted", str(e) or f"interrupted by {signal_name(e)}"
+        stop = interruption(e)
+        if stop is not None:
+            status, message = "interrupted", str(stop) or f"interrupted by {signal_name(stop)}"
         else:
             status, message = "failed", one_line(e, 500)
         # Best effort: when the catalog itself went away, the original error is what matters.

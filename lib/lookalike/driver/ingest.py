@@ -38,7 +38,7 @@ from lookalike.dedup.store import dedup
 from lookalike.driver import local
 from lookalike.driver.stages import SparkStages, local_master_cores
 from lookalike.errors import RETRIED
-from lookalike.failures import Interrupted, signal_name
+from lookalike.failures import Interrupted, interruption, signal_name
 from lookalike.files import replacing
 from lookalike.layout import Layout
 from lookalike.models.registry import ModelSpec
@@ -300,10 +300,12 @@ def run(cfg: Config, roots: list[str], retry_errors: bool = False, wait: bool = 
             ingest = Ingest(cfg, conn, vector_type, store_root)
             try:
                 summary = ingest.run(roots, run_id, retry_errors)
-            except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: recorded_run marks the run interrupted
+            except BaseException as e:  # Ctrl-C or SIGTERM: recorded_run marks the run interrupted
+                if (stop := interruption(e)) is None:
+                    raise
                 ingest.stages.stop()
-                why = f"interrupted by {signal_name(e)}; {ingest.resume_note()}"
-                raise Interrupted(signal_name(e), why) from None
+                why = f"interrupted by {signal_name(stop)}; {ingest.resume_note()}"
+                raise Interrupted(signal_name(stop), why) from None
             summary.seconds = time.monotonic() - started
             with conn.transaction():
                 runs.finish_run(conn, run_id, summary.as_dict())

@@ -29,7 +29,7 @@ from lookalike.db import runs, vector_index
 from lookalike.db.load import copy_embeddings
 from lookalike.db.sql import OPEN_PATH
 from lookalike.driver.stages import SparkStages
-from lookalike.failures import Interrupted, signal_name
+from lookalike.failures import Interrupted, interruption, signal_name
 from lookalike.layout import Layout
 from lookalike.models.registry import resolve_model
 from lookalike.progress import say
@@ -78,10 +78,12 @@ def recluster(cfg: Config, model: str | None = None, wait: bool = False) -> Recl
                         copy_embeddings(cur, embeddings, vector_type, run_id)
                     shutil.rmtree(layout.stages(stage_name), ignore_errors=True)
                     embedded += rows.num_rows
-            except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: recorded_run marks it interrupted
+            except BaseException as e:  # Ctrl-C or SIGTERM: recorded_run marks it interrupted
+                if (stop := interruption(e)) is None:
+                    raise
                 stages.stop()
-                raise Interrupted(signal_name(e), f"interrupted by {signal_name(e)}; the vectors made so far "
-                                  "are kept: the next recluster embeds the rest") from None
+                raise Interrupted(signal_name(stop), f"interrupted by {signal_name(stop)}; the vectors made "
+                                  "so far are kept: the next recluster embeds the rest") from None
             with conn.transaction(), conn.cursor() as cur:
                 cur.execute("DELETE FROM cluster_transitions WHERE new_model_ver = %s", (spec.model_ver,))
                 cluster_all(cur, spec.model_ver, ClusterConfig.from_config(cfg["cluster"]), vector_type,
