@@ -120,6 +120,14 @@ def test_assignments_survive_reruns_and_new_images_join(cfg: Config, archive: Pa
     for cluster_id, size in query(cfg, "SELECT id, size FROM clusters"):
         (members,), = query(cfg, "SELECT count(*) FROM image_cluster WHERE cluster_id = %s", cluster_id)
         assert members == size
+    # status lists the largest categories, one a line: size, then the name as the catalog has it.
+    capsys.readouterr()
+    assert main(["status", "--home", str(cfg.home)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    start = next(i for i, line in enumerate(out) if line.strip().startswith("largest categories:"))
+    shown = [line[23:].split(None, 1) for line in out[start : start + 8]]
+    largest = query(cfg, "SELECT size, name FROM clusters ORDER BY size DESC, id LIMIT 8")
+    assert [(int(size), name) for size, name in shown] == largest
 
 
 def test_model_change_reclusters_from_thumbnails_only(cfg: Config, archive: Path, small_clip_ckpt: Path,

@@ -145,9 +145,12 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
         print(f"{'model':>22}: {model or '(none yet)'}")
         largest = conn.execute("SELECT id, name, size FROM clusters WHERE model_ver = (SELECT value FROM "
                                "catalog_meta WHERE key = 'active_model_ver') ORDER BY size DESC, id LIMIT 8")
-        shown = [f"{display(name, cid)} ({size})" for cid, name, size in largest.fetchall()]
-        if shown:
-            print(f"{'largest categories':>22}: {', '.join(shown)}")
+        # One a line, size first: names hold commas ('mixed: a, b, c') and parentheses ('vessel (craft)').
+        rows = largest.fetchall()
+        width = len(str(rows[0][2])) if rows else 0
+        for i, (cid, name, size) in enumerate(rows):
+            head = f"{'largest categories':>22}:" if i == 0 else " " * 23
+            print(f"{head} {size:>{width}}  {display(name, cid)}")
         stored = db.get_meta(conn, "store_root")
         print(f"{'store':>22}: {stored or '(none: files are catalogued where they lie)'}")
         print(f"{'schema version':>22}: {db.get_meta(conn, 'schema_version')}")
