@@ -53,6 +53,11 @@ def interruption(e: BaseException) -> KeyboardInterrupt | None:
     return None
 
 
+def interruption_line(stop: KeyboardInterrupt) -> str:
+    """What an interruption says: its own message (Interrupted's), else the signal's name."""
+    return str(stop) or f"interrupted by {signal_name(stop)}"
+
+
 def _on_sigterm(signum: int, frame: object) -> None:
     raise Interrupted("SIGTERM")
 
@@ -74,7 +79,7 @@ def end(e: BaseException, expected: tuple[type[BaseException], ...], debug: bool
     if stop is not None:
         sig = signal_name(stop)
         code = 128 + int(getattr(signal, sig))
-        message = str(stop) or f"interrupted by {sig}"
+        message = interruption_line(stop)
         _traceback.debug("interrupted", exc_info=e)
     elif isinstance(e, (*expected, OSError, psycopg.OperationalError)):
         # Bad input, or the environment rather than the code (a full disk, an unusable folder,

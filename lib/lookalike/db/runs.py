@@ -20,7 +20,7 @@ import psycopg
 from lookalike import db
 from lookalike.config import Config, ConfigError
 from lookalike.errors import one_line
-from lookalike.failures import interruption, signal_name
+from lookalike.failures import interruption, interruption_line
 from lookalike.models.registry import OPEN_CLIP_PREFIX, ModelSpec, resolve_model
 from lookalike.progress import say
 from lookalike.store import StoreSettings
@@ -50,7 +50,7 @@ def recorded_run(conn: psycopg.Connection, kind: str, roots: Sequence[str] | Non
         # Ctrl-C or SIGTERM: 'interrupted', the message naming the signal (failures.Interrupted).
         stop = interruption(e)
         if stop is not None:
-            status, message = "interrupted", str(stop) or f"interrupted by {signal_name(stop)}"
+            status, message = "interrupted", interruption_line(stop)
         else:
             status, message = "failed", one_line(e, 500)
         # Best effort: when the catalog itself went away, the original error is what matters.

@@ -268,8 +268,9 @@ def nodes_for(word: str) -> tuple[str, ...]:
     w = word.strip()
     if re.fullmatch(r"n\d{8}", w) and w in h.node_names:
         return (w,)
-    if normalise(w) in _qualified_names():  # a name as categories and labels show it: 'crane (wading bird)'
-        return (_qualified_names()[normalise(w)],)
+    qualified = _qualified_names().get(normalise(w))  # a name as shown: 'crane (wading bird)'
+    if qualified is not None:
+        return (qualified,)
     for form in _lemma_forms(w):
         if form in h.lemma_index:
             return h.lemma_index[form]

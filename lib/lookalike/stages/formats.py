@@ -165,21 +165,14 @@ def probe_raw(path: str, ext: str, max_pixels: int | None = None) -> None:
     Raises FormatError ('raw_decode', 'too_large'); a JPEG named like a RAW passes.
     """
     fmt = f"raw:{_norm_ext(ext)[1:]}"
-    try:
-        import rawpy
-    except ImportError:
-        raise FormatError(IngestError.RAW_DECODE, f"cannot decode {fmt}: rawpy is not installed") from None
-    try:
-        with rawpy.imread(path) as raw:  # opens and parses the metadata; no unpack
-            sizes = raw.sizes
-    except rawpy.LibRawError as e:
-        if _head(path)[:3] == b"\xff\xd8\xff":
-            return
-        raise FormatError(IngestError.RAW_DECODE,
-                          f"cannot decode {fmt}: LibRaw cannot open it ({one_line(e)})") from None
+    raw = _open_raw(path, fmt)
+    if raw is None:
+        return
+    with raw:
+        sizes = raw.sizes
     if max_pixels is not None and sizes.width * sizes.height > max_pixels:
-        raise FormatError(IngestError.TOO_LARGE, f"{fmt} of {sizes.width}x{sizes.height} pixels is over the "
-                                       f"{max_pixels} limit")
+        raise FormatError(IngestError.TOO_LARGE,
+                          f"{fmt} of {sizes.width}x{sizes.height} pixels is over the {max_pixels} limit")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,6 +189,24 @@ class _Whole:
         return self._data
 
 
+def _open_raw(source: bytes | str, fmt: str) -> Any:
+    """LibRaw opened on a RAW file (its path, or its bytes), the header and metadata parsed but
+    nothing unpacked; None for a JPEG named like a RAW (a camera's JPEG renamed: Pillow's to
+    decode, not an error). Raises FormatError('raw_decode') when rawpy or LibRaw cannot."""
+    try:
+        import rawpy
+    except ImportError:
+        raise FormatError(IngestError.RAW_DECODE, f"cannot decode {fmt}: rawpy is not installed") from None
+    try:
+        return rawpy.imread(_Whole(source) if isinstance(source, bytes) else source)
+    except rawpy.LibRawError as e:
+        head = source[:3] if isinstance(source, bytes) else _head(source)[:3]
+        if head == b"\xff\xd8\xff":
+            return None
+        raise FormatError(IngestError.RAW_DECODE,
+                          f"cannot decode {fmt}: LibRaw cannot open it ({one_line(e)})") from None
+
+
 def _draft(im: Image.Image, min_side: int) -> None:
     """JPEG draft mode: the largest DCT scale (1/2..1/8) that keeps the long side >= min_side."""
     scale = max(min_side / max(im.size), 1 / 8)
@@ -205,18 +216,11 @@ def _draft(im: Image.Image, min_side: int) -> None:
 def _decode_raw(data: bytes | str, ext: str, min_side: int, max_pixels: int | None) -> Decoded | None:
     """LibRaw's preview or half-size demosaic; None for a renamed JPEG (Pillow's then)."""
     fmt = f"raw:{ext[1:]}"
-    try:
-        import rawpy
-    except ImportError:
-        raise FormatError(IngestError.RAW_DECODE, f"cannot decode {fmt}: rawpy is not installed") from None
-    try:
-        raw = rawpy.imread(_Whole(data) if isinstance(data, bytes) else data)
-    except rawpy.LibRawError as e:
-        head = data[:3] if isinstance(data, bytes) else _head(data)[:3]
-        if head == b"\xff\xd8\xff":  # a JPEG named .nef (a camera's JPEG renamed): not an error
-            return None
-        raise FormatError(IngestError.RAW_DECODE,
-                          f"cannot decode {fmt}: LibRaw cannot open it ({one_line(e)})") from None
+    raw = _open_raw(data, fmt)
+    if raw is None:
+        return None
+    import rawpy  # imported by _open_raw: its errors are caught below
+
     with raw:
         sizes = raw.sizes  # known from the header: no unpack
         width, height = (sizes.height, sizes.width) if sizes.flip & 4 else (sizes.width, sizes.height)
