@@ -210,10 +210,11 @@ def main() -> None:
     cfg = ClusterConfig.defaults()
 
     def product_clustering(label_weight: float, seed: int, k_per_sqrt_n: float = cfg.k_per_sqrt_n,
-                           ) -> tuple[int, float, float]:
+                           fine_per_cluster: int = cfg.fine_per_cluster) -> tuple[int, float, float]:
         vecs = space.joined(feats, top_idx, top_p, label_weight)
         fit = fit_clusters(lambda: [vecs], len(vecs), replace(
-            cfg, label_weight=label_weight, seed=seed, k_per_sqrt_n=k_per_sqrt_n))
+            cfg, label_weight=label_weight, seed=seed, k_per_sqrt_n=k_per_sqrt_n,
+            fine_per_cluster=fine_per_cluster))
         lab = assign(fit.centroids, vecs)[0]
         groups = [np.flatnonzero(lab == g) for g in range(len(fit.centroids))]
         purity = sum(np.unique(np.array(coarse)[g], return_counts=True)[1].max()
@@ -228,15 +229,19 @@ def main() -> None:
               f"{runs[:, 1].mean():.3f}; right-level names {runs[0, 2]:.3f} at seed 0, mean "
               f"{runs[:, 2].mean():.3f} (min {runs[:, 2].min():.3f}, max {runs[:, 2].max():.3f}){mark}")
     # The names' share grows with the number of categories (finer categories are purer, and a
-    # finer right name still counts: 'hound' for a hound): the same clustering at finer k.
-    print(f"   finer categories (k = k_per_sqrt_n * sqrt(n); the product's is {cfg.k_per_sqrt_n:g}), "
-          f"label_weight {cfg.label_weight:g}, seeds 0-{args.seeds * 2 - 1}:")
-    for k_per_sqrt_n in (3.0, 4.0):
-        runs = np.array([product_clustering(cfg.label_weight, seed, k_per_sqrt_n)
-                         for seed in range(args.seeds * 2)])
-        print(f"     k_per_sqrt_n {k_per_sqrt_n:g}: {runs[:, 0].mean():4.0f} categories, purity "
-              f"{runs[:, 1].mean():.3f}; right-level names mean {runs[:, 2].mean():.3f} "
-              f"(min {runs[:, 2].min():.3f}, max {runs[:, 2].max():.3f})")
+    # finer right name still counts: 'hound' for a hound); k-means alone (1 piece per category)
+    # against k-means pieces joined by Ward (the product's fine_per_cluster), at each granularity.
+    print(f"   granularity (k = k_per_sqrt_n * sqrt(n); the product's {cfg.k_per_sqrt_n:g}) and k-means "
+          f"pieces per category joined by Ward (the product's {cfg.fine_per_cluster}; 1 = k-means alone), "
+          f"seeds 0-{args.seeds * 2 - 1}:")
+    for k_per_sqrt_n in (2.0, 3.0, 4.0):
+        for fine in sorted({1, cfg.fine_per_cluster}):
+            runs = np.array([product_clustering(cfg.label_weight, seed, k_per_sqrt_n, fine)
+                             for seed in range(args.seeds * 2)])
+            mark = "  <- default" if (k_per_sqrt_n, fine) == (cfg.k_per_sqrt_n, cfg.fine_per_cluster) else ""
+            print(f"     k_per_sqrt_n {k_per_sqrt_n:g}, pieces {fine}: {runs[:, 0].mean():4.0f} categories, "
+                  f"purity {runs[:, 1].mean():.3f}; right-level names mean {runs[:, 2].mean():.3f} "
+                  f"(min {runs[:, 2].min():.3f}, max {runs[:, 2].max():.3f}){mark}")
     # Runs: the first 100 images fitted, the other 400 arriving in 4 runs of 100 that join categories or
     # start their own (join_cosine); with the product's refit rule (a full fit once the catalog has grown
     # refit_growth times since the last: here at 200 and 400 images) and without any refit.

@@ -17,6 +17,7 @@ from lookalike.cluster.algorithm import (
     fit_clusters,
     merge_centroids,
     should_refit,
+    ward_groups,
 )
 
 DIM = 32
@@ -230,3 +231,38 @@ def test_the_joined_space_weighs_labels_by_the_hierarchy() -> None:
         expected = (1 - w) * emb @ emb.T + w * labels @ labels.T
         np.testing.assert_allclose(joined @ joined.T, expected, atol=1e-5)
     assert space.joined(emb, classes, scores, 0.0).shape == emb.shape
+
+
+def test_ward_groups_is_wards_method_on_the_weighted_points() -> None:
+    from scipy.cluster.hierarchy import fcluster, linkage
+
+    rng = np.random.default_rng(7)
+    means = rng.standard_normal((120, 6))
+    weights = rng.integers(1, 5, len(means))
+    for k in (2, 9, 40):
+        # Unit weights: scipy's Ward on the points themselves; weight w: the point repeated w times.
+        plain = ward_groups(means, np.ones(len(means)), k)
+        assert adjusted_rand_score(fcluster(linkage(means, "ward"), k, "maxclust"), plain) == 1.0
+        weighted = ward_groups(means, weights, k)
+        repeated = np.repeat(means, weights, axis=0)
+        assert adjusted_rand_score(fcluster(linkage(repeated, "ward"), k, "maxclust"),
+                                   np.repeat(weighted, weights)) == 1.0
+        assert sorted(set(weighted)) == list(range(k))
+    assert list(ward_groups(means[:3], np.ones(3), 5)) == [0, 1, 2]  # fewer points than groups
+
+
+def test_fit_keeps_small_groups_apart_where_kmeans_alone_splits_the_dense_one(centres: np.ndarray) -> None:
+    # One dense group of 600 and five of 20: k-means with 6 centroids spends several on the dense
+    # group and lumps small ones together; 18 pieces joined by Ward find the six groups.
+    sizes = [600, 20, 20, 20, 20, 20]
+    found = {1: 0, 3: 0}
+    for seed in range(5):
+        rng = np.random.default_rng(seed)
+        truth = np.repeat(np.arange(6), sizes)
+        x = unit(centres[truth] + rng.standard_normal((len(truth), DIM)) * 0.4 / np.sqrt(DIM))
+        for pieces in found:
+            cfg = ClusterConfig.defaults(k=6, merge_cosine=1.01, fine_per_cluster=pieces, seed=seed)
+            fit = fit_clusters(stream(x), len(x), cfg)
+            assert fit.k_fit == 6 and len(fit.centroids) <= 6
+            found[pieces] += adjusted_rand_score(truth, assign(fit.centroids, x)[0]) == 1.0
+    assert found[1] == 0 and found[3] >= 3, found

@@ -69,7 +69,7 @@ def test_finer_categories_from_the_configuration(tmp_path: Path) -> None:
     from lookalike.cluster.algorithm import ClusterConfig, derive_k
 
     default = ClusterConfig.from_config(load_config()["cluster"])
-    override = write(tmp_path, "[cluster]\nk_per_sqrt_n = 3\n")
+    override = write(tmp_path, "[cluster]\nk_per_sqrt_n = 4\n")
     finer = ClusterConfig.from_config(load_config(override)["cluster"])
-    assert (derive_k(10_000, default), derive_k(10_000, finer)) == (200, 300)
+    assert (derive_k(10_000, default), derive_k(10_000, finer)) == (300, 400)
     assert derive_k(10_000_000, finer) == finer.k_max  # still bounded for the largest archives

@@ -1,24 +1,28 @@
-"""Similarity categories: streamed MiniBatchKMeans, FAISS centroid merging, incremental assignment.
+"""Similarity categories: streamed MiniBatchKMeans, Ward joining, FAISS merging, incremental assignment.
 
 Pure library (numpy, scikit-learn, faiss): no catalog or Spark code. Vectors are L2-normalised
 float32 embeddings, so the inner product is the cosine and Euclidean k-means on them is
 (approximately) spherical k-means.
 
-Full clustering (`fit_clusters`): spherical Lloyd k-means on a reservoir sample starts
-MiniBatchKMeans, whose partial_fit then runs over the streamed batches (a collection that fits
-in the sample gets Lloyd on all of it instead); one exact Lloyd pass
-recomputes each centroid as the mean of its members, centroids closer than `merge_cosine` are
-merged (union-find over a FAISS range search), and a final counting pass gives each cluster its
-exact size under nearest-centroid assignment (so `assign` reproduces `sizes`). Empty clusters
-are dropped.
+Full clustering (`fit_clusters`), in two stages. k-means cuts the collection into
+`fine_per_cluster` times more pieces than the categories wanted: spherical Lloyd on a reservoir
+sample starts MiniBatchKMeans, whose partial_fit then runs over the streamed batches (a
+collection that fits in the sample gets Lloyd on all of it instead). One exact pass gives each
+piece its members' sum and count, and Ward's method joins the pieces into the k categories
+(size-weighted, on the pieces' means: no second pass). k-means alone spends its centroids where
+the images are dense (59 dogs of imagenet-dev's 500 images got 4-5 categories) and lumps small
+distinct groups together (spiders with crabs); Ward joins what costs least to join, which keeps
+those apart: bench/category_quality.py. Categories closer than `merge_cosine` are then merged
+(union-find over a FAISS range search), and a final counting pass gives each its exact size under
+nearest-centroid assignment (so `assign` reproduces `sizes`). Empty categories are dropped.
 
 Incremental runs (`assign_incremental`): a new image joins its nearest cluster when the cosine
 is >= `join_cosine` (the centroid moves as a size-weighted running mean); the images that fit
 no cluster start new ones at once, with their batch-mates that are close to them: they are
-clustered as a full fit of them would be (k-means seeds merged at `merge_cosine`), and seeds
-within `merge_cosine` of an existing cluster are absorbed into it. Existing cluster indices are
-stable: they are never renumbered, removed or merged with each other (a later full re-clustering
-may merge what a batch started). Every image has its category when the call returns.
+clustered as a full fit of them would be (pieces joined by Ward, merged at `merge_cosine`), and
+seeds within `merge_cosine` of an existing cluster are absorbed into it. Existing cluster indices
+are stable: they are never renumbered, removed or merged with each other (a later full
+re-clustering may merge what a batch started). Every image has its category when the call returns.
 """
 
 from __future__ import annotations
@@ -48,9 +52,11 @@ __all__ = [
     "assign_incremental",
     "cluster_mapping",
     "derive_k",
+    "fine_k",
     "fit_clusters",
     "merge_centroids",
     "should_refit",
+    "ward_groups",
 ]
 
 
@@ -66,8 +72,9 @@ class ClusterConfig:
     join_cosine: float  # a new image joins its nearest cluster at this cosine or above
     refit_growth: float  # should_refit once the collection has grown this much since the fit
     label_weight: float  # labels' share of the clustered likeness (lookalike.cluster.space)
-    k_max: int = 4096  # bounds the fit time of very large archives
-    init_per_cluster: int = 40  # sample rows per cluster for the Lloyd initialisation
+    k_max: int = 4096  # bounds the fit time of very large archives (k-means pieces included)
+    fine_per_cluster: int = 3  # k-means pieces per category, joined by Ward (fit_clusters)
+    init_per_cluster: int = 40  # sample rows per category for the Lloyd initialisation
     batch_size: int = 4096  # MiniBatchKMeans step size
     passes: int = 2  # partial_fit passes over the data after the warm start
     seed: int = 0
@@ -94,7 +101,7 @@ class Clustering:
 
     centroids: np.ndarray  # (m, d) float32, L2-normalised
     sizes: np.ndarray  # (m,) int64, members under nearest-centroid assignment
-    k_fit: int  # k-means clusters before merging and dropping empties
+    k_fit: int  # categories before merging and dropping empties (k-means cut fine_per_cluster times more)
 
 
 @dataclass
@@ -114,6 +121,11 @@ def derive_k(n: int, cfg: ClusterConfig) -> int:
     """k-means cluster count for n vectors: cfg.k when set, else k_per_sqrt_n * sqrt(n) up to k_max."""
     k = cfg.k if cfg.k is not None else min(round(cfg.k_per_sqrt_n * math.sqrt(n)), cfg.k_max)
     return int(max(1, min(k, n)))
+
+
+def fine_k(k: int, n: int, cfg: ClusterConfig) -> int:
+    """k-means pieces for k categories of n vectors: fine_per_cluster * k, within k_max and n."""
+    return int(max(k, min(cfg.fine_per_cluster * k, cfg.k_max, n)))
 
 
 def should_refit(n_at_fit: int, n_now: int, cfg: ClusterConfig) -> bool:
@@ -269,6 +281,65 @@ def merge_centroids(
     return l2_normalize(sums), np.bincount(group, weights=w, minlength=m), group
 
 
+def ward_groups(means: np.ndarray, weights: np.ndarray, k: int) -> np.ndarray:
+    """Ward's agglomeration of weighted points into k groups: the group (0..k-1) of each row.
+
+    Row i stands for weights[i] points at means[i] (a k-means piece), and the result is what
+    Ward's method on those points would give once it has joined them into k groups: each step
+    joins the two groups whose union adds the least to the within-group sum of squares,
+    w_a w_b / (w_a + w_b) * |mean_a - mean_b|^2. scipy's and scikit-learn's Ward take no
+    weights, hence this: the nearest-neighbour chain (O(m^2) time, an m x m float64 matrix;
+    m <= k_max), then the joins in increasing cost, so the cut at k groups is the greedy one.
+    """
+    m = len(means)
+    if k >= m:
+        return np.arange(m, dtype=np.int64)
+    x = np.asarray(means, dtype=np.float64)
+    size = np.asarray(weights, dtype=np.float64).copy()
+    sq = np.einsum("ij,ij->i", x, x)
+    dist = np.maximum(sq[:, None] + sq[None, :] - 2 * (x @ x.T), 0)  # squared distances of means
+    alive = np.ones(m, dtype=bool)
+    joins: list[tuple[float, int, int]] = []
+    chain: list[int] = []
+    while len(joins) < m - 1:
+        if not chain:
+            chain.append(int(np.argmax(alive)))
+        a = chain[-1]
+        cost = size[a] * size / (size[a] + size) * dist[a]
+        cost[~alive] = np.inf
+        cost[a] = np.inf
+        b = int(np.argmin(cost))
+        if len(chain) > 1 and cost[chain[-2]] <= cost[b]:  # ties go back down the chain: no cycles
+            b = chain[-2]
+        if len(chain) < 2 or b != chain[-2]:
+            chain.append(b)
+            continue
+        # a and b are each other's nearest: join b into a (Lance-Williams for centroid distances).
+        del chain[-2:]
+        joins.append((float(cost[b]), a, b))
+        total = size[a] + size[b]
+        row = (size[a] * dist[a] + size[b] * dist[b]) / total - size[a] * size[b] * dist[a, b] / total**2
+        dist[a], dist[:, a] = row, row
+        dist[a, a] = 0
+        size[a] = total
+        alive[b] = False
+    uf = _UnionFind(m)
+    for _, a, b in sorted(joins)[: m - k]:  # Ward's costs only grow: sorted joins replay the greedy order
+        uf.parent[uf.find(b)] = uf.find(a)
+    _, group = np.unique([uf.find(i) for i in range(m)], return_inverse=True)
+    return group.astype(np.int64)
+
+
+def _join_pieces(sums: np.ndarray, counts: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """k-means pieces (their members' sums and counts) joined by Ward into k categories: the
+    categories' member sums (float64) and counts (int64). Empty pieces are dropped first."""
+    live = counts > 0
+    sums, counts = sums[live], counts[live]
+    group = ward_groups(sums / counts[:, None], counts, k)
+    m = int(group.max()) + 1
+    return _group_sum(group, sums, m), np.bincount(group, weights=counts, minlength=m).astype(np.int64)
+
+
 def _kmeans_plusplus(rows: np.ndarray, k: int, seed: int) -> np.ndarray:
     """k seeds by greedy k-means++ (scikit-learn's variant: 2 + log k candidates a step, the one
     that most lowers the potential kept). Written here because importing scikit-learn costs ~0.9 s,
@@ -353,8 +424,9 @@ def fit_clusters(batches: Callable[[], Iterable[np.ndarray]], n: int, cfg: Clust
     """Full clustering of a streamed collection of n normalised float32 vectors.
 
     `batches()` must yield the same vectors each time it is called (any batch sizes); it is
-    called passes + 3 times (sample, partial_fit passes, Lloyd pass, counting pass), and no
-    more than one batch plus the sample and the centroids is held in memory.
+    called passes + 3 times (sample, partial_fit passes, exact pass, counting pass), and no
+    more than one batch plus the sample, the centroids and Ward's m x m matrix (m = the
+    k-means pieces, at most k_max: 134 MB) is held in memory.
     """
     k = derive_k(n, cfg)
     rng = np.random.default_rng(cfg.seed)
@@ -362,12 +434,13 @@ def fit_clusters(batches: Callable[[], Iterable[np.ndarray]], n: int, cfg: Clust
     if not len(sample):
         raise ValueError("fit_clusters: the batches yielded no vectors")
     k = min(k, len(sample))
+    pieces = fine_k(k, len(sample), cfg)
     if len(sample) == n:
         # The whole collection is the sample: Lloyd on all of it is what the mini-batches
         # approximate (and needs no scikit-learn import: a small run's clustering).
-        fitted = _lloyd(sample, k, cfg, niter=20)
+        fitted = _lloyd(sample, pieces, cfg, niter=20)
     else:
-        km = _warm_kmeans(sample, k, cfg)
+        km = _warm_kmeans(sample, pieces, cfg)
         for _ in range(cfg.passes):
             for chunk in _chunks(batches(), cfg.batch_size):
                 # Shuffle within the step: stream order is often by folder/date.
@@ -375,12 +448,10 @@ def fit_clusters(batches: Callable[[], Iterable[np.ndarray]], n: int, cfg: Clust
         fitted = km.cluster_centers_
     del sample
 
-    # One exact Lloyd step: centroids become their members' means, empty clusters drop out.
-    sums, counts = _member_stats(batches(), l2_normalize(fitted), cfg.batch_size)
-    live = counts > 0
-    means = sums[live] / counts[live, None]
+    # One exact pass: each piece's members' sum and count, which Ward joins into k categories.
+    sums, counts = _join_pieces(*_member_stats(batches(), l2_normalize(fitted), cfg.batch_size), k)
     # Merging un-normalised means weighted by counts is the exact mean of the merged members.
-    centroids, _, _ = merge_centroids(means, counts[live], cfg.merge_cosine)
+    centroids, _, _ = merge_centroids(sums / counts[:, None], counts, cfg.merge_cosine)
 
     # Sizes under nearest-centroid assignment, so that `assign` agrees with them.
     _, sizes = _member_stats(batches(), centroids, cfg.batch_size)
@@ -391,8 +462,11 @@ def fit_clusters(batches: Callable[[], Iterable[np.ndarray]], n: int, cfg: Clust
 def _seed(vecs: np.ndarray, cfg: ClusterConfig) -> tuple[np.ndarray, np.ndarray]:
     """Seed centroids (normalised) and their sizes: `vecs` clustered as a full fit of them would be."""
     k = min(derive_k(len(vecs), cfg), len(vecs))
-    seeds = l2_normalize(_lloyd(vecs, k, cfg, niter=20))
-    used = np.bincount(assign(seeds, vecs)[0], minlength=k)
+    pieces = l2_normalize(_lloyd(vecs, fine_k(k, len(vecs), cfg), cfg, niter=20))
+    lab = assign(pieces, vecs)[0]
+    sums, _ = _join_pieces(_group_sum(lab, vecs, len(pieces)), np.bincount(lab, minlength=len(pieces)), k)
+    seeds = l2_normalize(sums)
+    used = np.bincount(assign(seeds, vecs)[0], minlength=len(seeds))
     return seeds[used > 0], used[used > 0]
 
 
