@@ -107,6 +107,12 @@ def test_assignments_survive_reruns_and_new_images_join(cfg: Config, archive: Pa
     found = {Path(line).name for line in capsys.readouterr().out.splitlines()}
     assert len(birds) == 26 and len(found & birds) >= 0.8 * len(birds)
     assert len(found - birds) <= 0.2 * len(found)
+    # A word that means several things says so on stderr (all are searched); a name as shown asks for one.
+    assert main(["find", "plant", "--home", str(cfg.home)]) == 0
+    err = capsys.readouterr().err
+    assert "'plant' means 2 things here" in err and "plant (organism)" in err
+    assert main(["find", "plant (organism)", "--home", str(cfg.home)]) == 0
+    assert capsys.readouterr().err == ""
     # One rule: the catalog's SQL finds exactly what find_mask finds on the stored top-5 labels.
     with Catalog(home=cfg.home) as cat:
         labels = cat.sql("SELECT image_id, class_id, score FROM image_labels ORDER BY image_id, rank")

@@ -18,7 +18,7 @@ from lookalike.config import Config, ConfigError, load_config
 from lookalike.db.migrations import CatalogTooNew
 from lookalike.db.runs import ModelMismatch
 from lookalike.errors import one_line
-from lookalike.labels.hierarchy import UnknownWordError
+from lookalike.labels.hierarchy import UnknownWordError, senses
 from lookalike.layout import Layout
 from lookalike.progress import describe, read_progress
 from lookalike.read.text import FORMATS, format_rows
@@ -236,6 +236,10 @@ def cmd_find(cfg: Config, args: argparse.Namespace) -> int:
             found = cat.find(args.word, limit=args.limit or None)
         except UnknownWordError as e:
             raise QueryFailed(str(e)) from None
+    meanings = senses(args.word)
+    if len(meanings) > 1:  # 'plant' finds factories too: say so, and how to ask for one meaning
+        print(f"lookalike: {args.word!r} means {len(meanings)} things here, all searched: "
+              f"{', '.join(meanings)}; to search one alone: lookalike find {meanings[0]!r}", file=sys.stderr)
     if args.format == "csv":
         sys.stdout.write(format_rows(["image_id", "path", "label", "score", "category"],
                                      list(found[["image_id", "path", "label", "score", "category"]]

@@ -295,10 +295,11 @@ def classes_under(word: str) -> set[int]:
     return {int(i) for node in nodes for i in members[node]}
 
 
-def senses(word: str) -> list[tuple[str, str, int]]:
-    """(node id, its lemmas joined, number of classes under it) for each node the word names."""
+def senses(word: str) -> list[str]:
+    """The names of the nodes ``word`` names, as shown: more than one when it means several things
+    ('plant': plant (building complex), plant (organism)), each of which can be searched alone."""
     h = load()
-    return [(node, ", ".join(h.node_lemmas[node]), len(h.members[node])) for node in nodes_for(word)]
+    return [h.name(node) for node in nodes_for(word)]
 
 
 # `find WORD`'s rule, for Catalog.find's SQL and find_mask alike: an image is found when its top
