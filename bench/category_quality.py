@@ -304,8 +304,9 @@ def main() -> None:
         p1, r1, f1 = prf(hit1)
         pm, rm, fm = prf(hitm)
         ft = prf(under[truth])[2]
-        own = [h.name(n) for n in senses[c] if n in h.node_names]
-        meaning = own[0] if len(hi.senses(c)) > 1 and len(own) == 1 else c
+        queries = dict(zip(hi.nodes_for(c), (query for _, query in hi.senses(c)), strict=True))
+        own = [n for n in senses[c] if n in queries]
+        meaning = queries[own[0]] if len(queries) > 1 and len(own) == 1 else c
         fs = prf(hi.find_mask(meaning, top_idx))[2]
         f1s.append((c, f1, fm, fs))
         print(f"   {c:22s} {rel.sum():4d} {strict.sum():6d} | {p1:7.2f} {r1:5.2f} {f1:5.2f} | "

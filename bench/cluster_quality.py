@@ -4,7 +4,7 @@
 
 Embeds imagenet-dev (500 photos, one per ImageNet class, 28 coarse categories) with the default
 offline model (EfficientNet-Lite0, lookalike.models), caching the vectors under /tmp, then
-compares, averaged over seeds: lookalike's clustering (MiniBatchKMeans + merge), plain
+compares, averaged over seeds: lookalike's clustering (k-means pieces + Ward + merge), plain
 MiniBatchKMeans with the same k (no merging) and faiss.Kmeans with the same k.
 
 It also measures the adjusted Rand index between incremental assignment (5 arrival batches: the
@@ -172,7 +172,7 @@ def evaluate(
 def compare(x: np.ndarray, truth: np.ndarray, cfg: ClusterConfig, seeds: list[int]) -> None:
     k = derive_k(len(x), cfg)
     rows: dict[str, list[tuple[float, float, int]]] = {
-        "lookalike (MBK + merge)": [],
+        "lookalike (pieces + Ward + merge)": [],
         f"MiniBatchKMeans k={k}": [],
         f"faiss.Kmeans k={k}": [],
     }

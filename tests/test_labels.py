@@ -14,11 +14,13 @@ from lookalike.labels import (
     find_mask,
     load,
     name_category,
+    senses,
     softmax,
     suggest,
     top_k,
     top_labels,
 )
+from lookalike.labels.hierarchy import nodes_for, normalise
 
 IMAGENET = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "imagenet-dev"
 DATA_FILE = Path(__file__).resolve().parents[1] / "lib" / "lookalike" / "labels" / "imagenet_hierarchy.json"
@@ -121,6 +123,8 @@ def test_find_vehicle_finds_cars_boats_planes() -> None:
 def test_names_that_mean_different_things_read_differently() -> None:
     h = load()
     assert len(set(h.node_names.values())) == len(h.node_names)  # no two nodes share a name
+    assert len({normalise(n) for n in h.node_names.values()}) == len(h.node_names)  # nor as find reads it
+    assert {h.name("n02113186"), h.name("n02963159")} == {"Cardigan (corgi)", "cardigan (sweater)"}
     # Two ImageNet classes are 'crane' (the bird, the machine), two categories could be 'vessel'
     # (a ship, a container): each is qualified by the nearest ancestor that tells them apart.
     bird, machine = idx("crane (wading bird)", "crane (lifting device)")
@@ -170,3 +174,19 @@ def test_real_model_top1_coarse_labels_mostly_right() -> None:
     top1 = top_k(softmax(logits), 1)[0][:, 0]
     right = [int(t) in classes_under(r["category"]) for t, r in zip(top1, rows, strict=True)]
     assert sum(right) >= 0.8 * len(rows), list(zip([load().names[t] for t in top1], right, strict=True))
+
+
+def test_every_meaning_of_a_word_can_be_searched_alone() -> None:
+    # find tells a user which meanings a word has, and how to ask for one: each query must find its
+    # node alone ('cat' is the cat's name and a lemma of big cat: the cat is asked for by its id).
+    h = load()
+    words = {lemma for lemmas in h.node_lemmas.values() for lemma in lemmas}
+    ambiguous = [w for w in sorted(words) if len(nodes_for(w)) > 1]
+    assert len(ambiguous) > 50 and "plant" in ambiguous and "cat" in ambiguous
+    for word in ambiguous:
+        meanings = senses(word)
+        assert [name for name, _ in meanings] == [h.name(node) for node in nodes_for(word)]
+        for (_, query), node in zip(meanings, nodes_for(word), strict=True):
+            assert nodes_for(query) == (node,), (word, query)
+    assert senses("plant") == [("plant (building complex)",) * 2, ("plant (organism)",) * 2]
+    assert senses("cat") == [("cat", "n02121620"), ("big cat", "big cat")]

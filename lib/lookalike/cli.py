@@ -238,8 +238,10 @@ def cmd_find(cfg: Config, args: argparse.Namespace) -> int:
             raise QueryFailed(str(e)) from None
     meanings = senses(args.word)
     if len(meanings) > 1:  # 'plant' finds factories too: say so, and how to ask for one meaning
-        print(f"lookalike: {args.word!r} means {len(meanings)} things here, all searched: "
-              f"{', '.join(meanings)}; to search one alone: lookalike find {meanings[0]!r}", file=sys.stderr)
+        shown = ", ".join(name if query == name else f"{name} [{query}]" for name, query in meanings)
+        print(f"lookalike: {args.word!r} means {len(meanings)} things here, all searched: {shown}; "
+              f"to search one alone, give its name or [id]: lookalike find {meanings[0][1]!r}",
+              file=sys.stderr)
     if args.format == "csv":
         sys.stdout.write(format_rows(["image_id", "path", "label", "score", "category"],
                                      list(found[["image_id", "path", "label", "score", "category"]]

@@ -117,18 +117,18 @@ def _distinct_names(first_lemmas: dict[str, str], chains: list[tuple[str, ...]])
         for pos, node in enumerate(chain):
             ancestors.setdefault(node, chain[pos + 1 :])
     sharing: dict[str, list[str]] = {}
-    for node in sorted(first_lemmas):
-        sharing.setdefault(first_lemmas[node], []).append(node)
+    for node in sorted(first_lemmas):  # as find reads them: 'Cardigan' (a corgi) is 'cardigan' (a sweater)
+        sharing.setdefault(normalise(first_lemmas[node]), []).append(node)
     names = dict(first_lemmas)
-    for lemma, nodes in sharing.items():
+    for key, nodes in sharing.items():
         if len(nodes) == 1:
             continue
         taken: set[str] = set()
         for node in nodes:  # by node id: the same names every time
             qualifier = next((first_lemmas[a] for a in ancestors[node]
-                              if first_lemmas[a] != lemma and first_lemmas[a] not in taken), node)
+                              if normalise(first_lemmas[a]) != key and first_lemmas[a] not in taken), node)
             taken.add(qualifier)
-            names[node] = f"{lemma} ({qualifier})"
+            names[node] = f"{first_lemmas[node]} ({qualifier})"
     return names
 
 
@@ -295,11 +295,14 @@ def classes_under(word: str) -> set[int]:
     return {int(i) for node in nodes for i in members[node]}
 
 
-def senses(word: str) -> list[str]:
-    """The names of the nodes ``word`` names, as shown: more than one when it means several things
-    ('plant': plant (building complex), plant (organism)), each of which can be searched alone."""
+def senses(word: str) -> list[tuple[str, str]]:
+    """(name as shown, a query that finds it alone) for each node ``word`` names: more than one when
+    the word means several things. The query is the name when the name names that node alone
+    ('plant (organism)'), else the node's id: 'cat' is the cat's first lemma and also big cat's.
+    """
     h = load()
-    return [h.name(node) for node in nodes_for(word)]
+    return [(h.name(node), h.name(node) if nodes_for(h.name(node)) == (node,) else node)
+            for node in nodes_for(word)]
 
 
 # `find WORD`'s rule, for Catalog.find's SQL and find_mask alike: an image is found when its top
