@@ -33,6 +33,12 @@ class Interrupted(KeyboardInterrupt):
         super().__init__(message or f"interrupted by {signame}")
         self.signame = signame
 
+    @classmethod
+    def then(cls, stop: KeyboardInterrupt, note: str) -> Interrupted:
+        """The same stop, its line saying what comes next: 'interrupted by SIGTERM; <note>'."""
+        signame = signal_name(stop)
+        return cls(signame, f"interrupted by {signame}; {note}")
+
 
 def signal_name(e: KeyboardInterrupt) -> str:
     """SIGTERM for our handler's Interrupted; a bare KeyboardInterrupt is Ctrl-C."""

@@ -38,7 +38,7 @@ from lookalike.dedup.store import dedup
 from lookalike.driver import local
 from lookalike.driver.stages import SparkStages, local_master_cores
 from lookalike.errors import RETRIED
-from lookalike.failures import Interrupted, interruption, signal_name
+from lookalike.failures import Interrupted, interruption
 from lookalike.files import replacing
 from lookalike.layout import Layout
 from lookalike.models.registry import ModelSpec
@@ -304,8 +304,7 @@ def run(cfg: Config, roots: list[str], retry_errors: bool = False, wait: bool = 
                 if (stop := interruption(e)) is None:
                     raise
                 ingest.stages.stop()
-                why = f"interrupted by {signal_name(stop)}; {ingest.resume_note()}"
-                raise Interrupted(signal_name(stop), why) from None
+                raise Interrupted.then(stop, ingest.resume_note()) from None
             summary.seconds = time.monotonic() - started
             with conn.transaction():
                 runs.finish_run(conn, run_id, summary.as_dict())

@@ -29,7 +29,7 @@ from lookalike.db import runs, vector_index
 from lookalike.db.load import copy_embeddings
 from lookalike.db.sql import OPEN_PATH
 from lookalike.driver.stages import SparkStages
-from lookalike.failures import Interrupted, interruption, signal_name
+from lookalike.failures import Interrupted, interruption
 from lookalike.layout import Layout
 from lookalike.models.registry import resolve_model
 from lookalike.progress import say
@@ -82,8 +82,8 @@ def recluster(cfg: Config, model: str | None = None, wait: bool = False) -> Recl
                 if (stop := interruption(e)) is None:
                     raise
                 stages.stop()
-                raise Interrupted(signal_name(stop), f"interrupted by {signal_name(stop)}; the vectors made "
-                                  "so far are kept: the next recluster embeds the rest") from None
+                raise Interrupted.then(stop, "the vectors made so far are kept: the next recluster "
+                                             "embeds the rest") from None
             with conn.transaction(), conn.cursor() as cur:
                 cur.execute("DELETE FROM cluster_transitions WHERE new_model_ver = %s", (spec.model_ver,))
                 cluster_all(cur, spec.model_ver, ClusterConfig.from_config(cfg["cluster"]), vector_type,
